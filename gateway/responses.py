@@ -1,0 +1,40 @@
+"""Sending answers from pure ASGI code with as little per-request work as possible."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from starlette.types import Send
+
+from gateway.errors import PROBLEM_TYPE, GatewayError, UpstreamError, problem_body
+
+JSON = b"application/json"
+Header = tuple[bytes, bytes]
+
+
+async def send_bytes(
+    send: Send,
+    status: int,
+    body: bytes,
+    headers: Iterable[Header] = (),
+    *,
+    content_type: bytes = JSON,
+    head: bool = False,
+) -> None:
+    raw = [(b"content-type", content_type), (b"content-length", str(len(body)).encode()), *headers]
+    await send({"type": "http.response.start", "status": status, "headers": raw})
+    await send({"type": "http.response.body", "body": b"" if head else body})
+
+
+def problem_headers(exc: GatewayError) -> list[Header]:
+    headers = [(k.lower().encode(), v.encode()) for k, v in exc.headers]
+    if isinstance(exc, UpstreamError):
+        headers.append((b"proxy-status", exc.proxy_status().encode()))
+        if exc.retry_after is not None and exc.status in (503, 504, 429):
+            headers.append((b"retry-after", str(max(1, round(exc.retry_after))).encode()))
+    return headers
+
+
+async def send_problem(send: Send, exc: GatewayError, *, head: bool = False) -> None:
+    body = problem_body(exc.status, exc.detail, exc.extra)
+    await send_bytes(send, exc.status, body, problem_headers(exc), content_type=PROBLEM_TYPE.encode(), head=head)

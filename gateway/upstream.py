@@ -1,0 +1,270 @@
+"""Talking to the PVS: one client, inside the budget, errors mapped once.
+
+Every request the gateway sends goes through ``UpstreamClient.fetch``: the
+health gate (back-off), the global budget (concurrency, pacing, queue), the
+LocalAPI session (login, reuse, re-login on 401/403), a size cap on the
+answer, and the translation of transport errors into the gateway's error
+tree with RFC 9209 ``Proxy-Status`` types. Nothing else opens a connection
+to the PVS.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import time
+from dataclasses import dataclass
+
+import httpx
+
+from gateway import __version__
+from gateway.budget import UpstreamBudget
+from gateway.errors import (
+    Overloaded,
+    UpstreamBadResponse,
+    UpstreamConnectTimeout,
+    UpstreamError,
+    UpstreamRefused,
+    UpstreamTimeout,
+    UpstreamTLSError,
+    UpstreamUnavailable,
+)
+from gateway.health import UpstreamHealth
+from gateway.pvsbody import dumps, parse_json_object, strip_secret_vars
+from gateway.settings import UpstreamSettings
+
+log = logging.getLogger("gateway.upstream")
+
+MAX_BODY_BYTES = 8 * 1024 * 1024  # the largest real answer (GridProfileRefresh) is ~55 KB
+PROBE_TARGET = "/vars?name=/sys/info/serialnum&fmt=obj"
+SERIAL_VAR = "/sys/info/serialnum"
+
+
+@dataclass(frozen=True, slots=True)
+class Fetched:
+    """A usable PVS answer: 200 with a JSON object, or a 4xx to pass on."""
+
+    status: int
+    body: bytes
+    fetched_at: float  # wall clock, when the PVS answered
+
+
+def error_kind(exc: UpstreamError) -> str:
+    """A short label for metrics and logs."""
+    return {
+        "UpstreamTimeout": "timeout",
+        "UpstreamConnectTimeout": "connect_timeout",
+        "UpstreamRefused": "refused",
+        "UpstreamUnavailable": "unavailable",
+        "UpstreamBadResponse": "bad_response",
+        "UpstreamTLSError": "tls",
+        "PinMismatchError": "tls",
+        "LoginFailed": "login",
+    }.get(type(exc).__name__, "error")
+
+
+class LoginFailed(UpstreamBadResponse):
+    pass
+
+
+class UpstreamClient:
+    def __init__(
+        self,
+        settings: UpstreamSettings,
+        *,
+        transport: httpx.AsyncBaseTransport,
+        budget: UpstreamBudget,
+        health: UpstreamHealth,
+    ) -> None:
+        self._settings = settings
+        self.budget = budget
+        self.health = health
+        self._http = httpx.AsyncClient(
+            base_url=settings.url,
+            transport=transport,
+            timeout=httpx.Timeout(settings.timeout, connect=settings.connect_timeout),
+            headers={"User-Agent": f"pvs-gateway/{__version__}", "Accept": "application/json"},
+            follow_redirects=False,
+        )
+        self.firmware: str | None = None if settings.firmware == "auto" else settings.firmware
+        self.serial = settings.serial
+        self._session: str | None = None
+        self._session_at = 0.0
+        self.last_request_mono = 0.0
+        self.requests = 0
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+    async def fetch(self, target: str) -> Fetched:
+        """GET ``target`` (an allowlisted, canonical path+query) from the PVS."""
+        self.health.check()
+        try:
+            async with self.budget.slot():
+                fetched = await self._fetch_in_slot(target)
+        except Overloaded:
+            raise  # our own queue, not the PVS's fault
+        except UpstreamError as exc:
+            self.health.failure(error_kind(exc), exc.detail)
+            raise
+        self.health.success()
+        return fetched
+
+    # -------------------------------------------------------------- internals
+
+    async def _fetch_in_slot(self, target: str) -> Fetched:
+        if self.firmware is None:
+            await self._detect_firmware()
+        if self.firmware == "localapi" and self._session_expired():
+            await self._login()
+        response = await self._send(target)
+        if self.firmware == "localapi" and response.status_code in (401, 403):
+            # Sessions expire and vanish on reboot: log in again once, then give up.
+            self._session = None
+            await self._login()
+            response = await self._send(target)
+        return self._interpret(response, target)
+
+    def _session_expired(self) -> bool:
+        age = time.monotonic() - self._session_at
+        return self._session is None or age > self._settings.session_max_age
+
+    async def _send(self, target: str, *, auth: str | None = None) -> _Answer:
+        await self.budget.pace()
+        headers = {}
+        if auth:
+            headers["Authorization"] = auth
+        elif self._session and self.firmware == "localapi":
+            headers["Cookie"] = f"session={self._session}"
+        self.last_request_mono = time.monotonic()
+        self.requests += 1
+        try:
+            async with self._http.stream("GET", target, headers=headers) as response:
+                body = await _read_capped(response)
+                return _Answer(response.status_code, body, response.headers.get("set-cookie", ""))
+        except UpstreamError:
+            raise
+        except httpx.HTTPError as exc:
+            raise map_transport_error(exc, self._settings.url) from None
+
+    def _interpret(self, answer: _Answer, target: str) -> Fetched:
+        status = answer.status_code
+        if status == 200:
+            body, value = parse_json_object(answer.body)
+            if target.startswith("/vars"):
+                value, removed = strip_secret_vars(value)
+                if removed:
+                    body = dumps(value)
+            return Fetched(200, body, time.time())
+        if status in (401, 403):
+            hint = (
+                "the LocalAPI login was not accepted"
+                if self.firmware == "localapi"
+                else "this firmware may need the LocalAPI: set upstream.firmware = \"localapi\" (or \"auto\")"
+            )
+            raise UpstreamBadResponse(f"the PVS refused the gateway (HTTP {status}); {hint}", received_status=status)
+        if 400 <= status < 500:
+            # The PVS is alive and said no (e.g. 400 for a match without devices): pass it on.
+            try:
+                body, _ = parse_json_object(answer.body)
+            except UpstreamBadResponse:
+                body = dumps({"status": status, "description": "the PVS refused this request"})
+            return Fetched(status, body, time.time())
+        if status == 503:
+            raise UpstreamUnavailable("the PVS is busy (HTTP 503)", received_status=status, retry_after=10)
+        raise UpstreamBadResponse(f"the PVS answered HTTP {status}", received_status=status)
+
+    async def _detect_firmware(self) -> None:
+        """LocalAPI firmware answers a few /vars reads without a session; legacy does not."""
+        answer = await self._send(PROBE_TARGET)
+        firmware = "legacy"
+        if answer.status_code == 200:
+            try:
+                _, value = parse_json_object(answer.body)
+            except UpstreamBadResponse:
+                value = {}
+            if SERIAL_VAR in value:
+                firmware = "localapi"
+                self.serial = self.serial or str(value[SERIAL_VAR])
+        log.info("PVS firmware detected: %s", firmware)
+        self.firmware = firmware
+
+    async def _learn_serial(self) -> None:
+        answer = await self._send(PROBE_TARGET)
+        if answer.status_code == 200:
+            _, value = parse_json_object(answer.body)
+            self.serial = str(value.get(SERIAL_VAR, ""))
+        if len(self.serial) < 5:
+            raise LoginFailed("cannot log in to the PVS: set upstream.serial or upstream.password")
+
+    async def _login(self) -> None:
+        password = self._settings.password.get()
+        if not password:
+            if not self.serial:
+                await self._learn_serial()
+            password = self.serial[-5:]
+        token = base64.b64encode(f"ssm_owner:{password}".encode()).decode()
+        answer = await self._send("/auth?login", auth=f"basic {token}")
+        if answer.status_code != 200:
+            raise LoginFailed(
+                f"the PVS refused the gateway's LocalAPI login (HTTP {answer.status_code}): "
+                "check upstream.serial or upstream.password",
+                received_status=answer.status_code,
+            )
+        session = _session_from(answer)
+        if not session:
+            raise LoginFailed("the PVS accepted the login but sent no session")
+        self._session = session
+        self._session_at = time.monotonic()
+        log.info("logged in to the PVS LocalAPI")
+
+
+@dataclass(frozen=True, slots=True)
+class _Answer:
+    status_code: int
+    body: bytes
+    set_cookie: str
+
+
+def _session_from(answer: _Answer) -> str | None:
+    for part in answer.set_cookie.split(";"):
+        name, _, value = part.strip().partition("=")
+        if name == "session" and value:
+            return value
+    try:
+        value = json.loads(answer.body).get("session")
+    except (ValueError, AttributeError):
+        return None
+    return value if isinstance(value, str) and value else None
+
+
+async def _read_capped(response: httpx.Response) -> bytes:
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in response.aiter_raw():
+        size += len(chunk)
+        if size > MAX_BODY_BYTES:
+            raise UpstreamBadResponse(f"the PVS sent more than {MAX_BODY_BYTES} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def map_transport_error(exc: httpx.HTTPError, url: str) -> UpstreamError:
+    """Translate an httpx error into the gateway's tree, once, here."""
+    if isinstance(exc, httpx.ConnectTimeout):
+        return UpstreamConnectTimeout(f"connecting to the PVS at {url} timed out", retry_after=10)
+    if isinstance(exc, httpx.ConnectError):
+        text = str(exc)
+        if "CERTIFICATE" in text.upper() or "SSL" in text.upper():
+            return UpstreamTLSError(f"TLS with the PVS failed: {text}")
+        return UpstreamRefused(f"cannot connect to the PVS at {url}: {text or 'refused'}", retry_after=10)
+    if isinstance(exc, httpx.TimeoutException):
+        return UpstreamTimeout("the PVS did not answer in time", retry_after=10)
+    if isinstance(exc, httpx.RemoteProtocolError):
+        if "without sending" in str(exc) and "response" in str(exc):
+            return UpstreamUnavailable("the PVS closed the connection without answering (rebooting?)", retry_after=10)
+        return UpstreamBadResponse(f"the PVS sent an incomplete answer: {exc}")
+    if isinstance(exc, httpx.NetworkError):
+        return UpstreamUnavailable(f"the connection to the PVS failed: {exc}", retry_after=10)
+    return UpstreamBadResponse(f"unexpected answer from the PVS: {exc}")
