@@ -1,0 +1,335 @@
+"""Trust in the PVS's certificate: pin on first use, a CA file, or (loudly) nothing.
+
+The LocalAPI PVS serves HTTPS with a self-signed certificate, so chain and host
+name checks can only fail; yet the gateway sends the PVS password at login. In
+"pin" mode the first certificate seen is recorded and every later TLS
+connection presenting another one is closed right after the handshake, before
+httpcore writes a single request byte. The check sits in an httpcore network
+backend wrapper because that is the one place between "handshake done" and
+"request written" that httpx lets us reach.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import logging
+import os
+import secrets
+import socket
+import ssl
+import urllib.parse
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+import httpcore
+import httpx
+from cryptography import x509
+
+from gateway.errors import UpstreamTLSError
+
+log = logging.getLogger("gateway.pinning")
+
+TRUST_COMMAND = "pvs-gateway certs trust-pvs"
+# Suggested name inside server.cert_dir (certs/README.md: "the pinned PVS certificate" lives there).
+PIN_FILE = "pvs-pin.json"
+MODES = ("pin", "ca", "off")
+
+
+class PinMismatchError(UpstreamTLSError):
+    """The PVS presented a certificate other than the pinned one; nothing was sent."""
+
+    def __init__(self, expected: str, got: str) -> None:
+        super().__init__(
+            "The PVS presented a TLS certificate different from the pinned one, so the gateway "
+            f"did not talk to it. If the PVS certificate changed legitimately, an admin runs `{TRUST_COMMAND}`."
+        )
+        self.expected = expected
+        self.got = got
+
+
+def cert_fingerprint(der: bytes) -> str:
+    """SHA-256 of a DER certificate as colon-separated upper-case hex (as ``openssl x509 -fingerprint``)."""
+    return hashlib.sha256(der).digest().hex(":").upper()
+
+
+def _normalize(fp: str) -> str:
+    """Compare fingerprints regardless of colons, case or a ``sha256=`` prefix (hand-edited files)."""
+    fp = fp.strip().lower().removeprefix("sha256=").removeprefix("sha256:")
+    return "".join(ch for ch in fp if ch in "0123456789abcdef")
+
+
+def _subject(der: bytes) -> str:
+    try:
+        return x509.load_der_x509_certificate(der).subject.rfc4514_string()
+    except ValueError:
+        return "(unparseable certificate)"
+
+
+# ---------------------------------------------------------------- pin file
+
+
+def read_pin(pin_file: Path) -> dict[str, Any] | None:
+    """The stored pin, or None if there is none yet. A damaged file raises (fail closed)."""
+    try:
+        data = json.loads(Path(pin_file).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as exc:
+        detail = f"cannot read the PVS certificate pin {pin_file}: {exc}; fix it or run `{TRUST_COMMAND}`"
+        raise UpstreamTLSError(detail) from exc
+    if not isinstance(data, dict) or not isinstance(data.get("sha256"), str) or len(_normalize(data["sha256"])) != 64:
+        raise UpstreamTLSError(f"the PVS certificate pin {pin_file} has no valid sha256; run `{TRUST_COMMAND}`")
+    return data
+
+
+def write_pin(pin_file: Path, der: bytes, url: str) -> dict[str, Any]:
+    """Record ``der`` as the trusted PVS certificate (atomic, mode 0600)."""
+    pin_file = Path(pin_file)
+    data = {
+        "sha256": cert_fingerprint(der),
+        "first_seen": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "subject": _subject(der),
+        "url": url,
+    }
+    if not pin_file.parent.exists():
+        pin_file.parent.mkdir(mode=0o700, parents=True)
+    tmp = pin_file.with_name(f".{pin_file.name}.{secrets.token_hex(6)}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            json.dump(data, fh, indent=2)
+            fh.write("\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, pin_file)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    return data
+
+
+class _Pinner:
+    """Checks one handshake's certificate against the pin file (re-read on every new connection,
+    so `certs trust-pvs` run in another process takes effect without a restart)."""
+
+    def __init__(self, pin_file: Path, url: str) -> None:
+        self.pin_file = Path(pin_file)
+        self.url = url
+        self._reported: set[tuple[str, str]] = set()
+
+    def check(self, der: bytes | None) -> None:
+        if not der:
+            raise UpstreamTLSError("the PVS presented no TLS certificate")
+        pin = read_pin(self.pin_file)
+        got = cert_fingerprint(der)
+        if pin is None:
+            try:
+                write_pin(self.pin_file, der, self.url)
+            except OSError as exc:
+                # Without a stored pin, the next start would trust whatever it meets.
+                raise UpstreamTLSError(f"cannot store the PVS certificate pin {self.pin_file}: {exc}") from exc
+            log.warning(
+                "pinned PVS certificate sha256=%s (%s), trusted on first use; stored in %s", got, _subject(der), self.pin_file
+            )
+            return
+        if _normalize(pin["sha256"]) == _normalize(got):
+            return
+        expected = str(pin["sha256"])
+        key = (_normalize(expected), _normalize(got))
+        if key not in self._reported:  # once per presented certificate, not per request
+            self._reported.add(key)
+            log.error(
+                "PVS certificate changed: pinned sha256=%s, presented sha256=%s (%s). Refusing to send anything to it. "
+                "If the PVS was replaced or re-keyed, run `%s` to trust the new certificate.",
+                expected,
+                got,
+                _subject(der),
+                TRUST_COMMAND,
+            )
+        raise PinMismatchError(expected, got)
+
+
+# ---------------------------------------------------------------- httpcore seam
+
+_Check = Callable[[bytes | None], None]  # raises to refuse the peer's certificate (DER)
+
+
+class _CheckedStream(httpcore.AsyncNetworkStream):
+    """Delegates to the real stream; ``start_tls`` runs the certificate check before returning."""
+
+    def __init__(self, inner: httpcore.AsyncNetworkStream, check: _Check | None, bound: Callable[[float | None], float]) -> None:
+        self._inner = inner
+        self._check = check
+        self._bound = bound
+
+    async def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
+        return await self._inner.read(max_bytes, timeout)
+
+    async def write(self, buffer: bytes, timeout: float | None = None) -> None:
+        await self._inner.write(buffer, timeout)
+
+    async def aclose(self) -> None:
+        await self._inner.aclose()
+
+    def get_extra_info(self, info: str) -> Any:
+        return self._inner.get_extra_info(info)
+
+    async def start_tls(
+        self, ssl_context: ssl.SSLContext, server_hostname: str | None = None, timeout: float | None = None
+    ) -> httpcore.AsyncNetworkStream:
+        tls = await self._inner.start_tls(ssl_context, server_hostname, self._bound(timeout))
+        if self._check is not None:
+            ssl_object = tls.get_extra_info("ssl_object")
+            der = ssl_object.getpeercert(True) if ssl_object is not None else None
+            try:
+                self._check(der)
+            except BaseException:
+                await tls.aclose()  # no close_notify dance, no request: just drop the socket
+                raise
+        return tls
+
+
+class _CheckedBackend(httpcore.AsyncNetworkBackend):
+    def __init__(self, inner: httpcore.AsyncNetworkBackend, check: _Check | None, connect_timeout: float) -> None:
+        self._inner = inner
+        self._check = check
+        self._connect_timeout = connect_timeout
+
+    def _bound(self, timeout: float | None) -> float:
+        # The PVS is on the LAN: a connect or handshake slower than this means it is down,
+        # whatever overall timeout the request carries.
+        return self._connect_timeout if timeout is None else min(timeout, self._connect_timeout)
+
+    async def connect_tcp(
+        self,
+        host: str,
+        port: int,
+        timeout: float | None = None,
+        local_address: str | None = None,
+        socket_options: Iterable[Any] | None = None,
+    ) -> httpcore.AsyncNetworkStream:
+        stream = await self._inner.connect_tcp(host, port, self._bound(timeout), local_address, socket_options)
+        return _CheckedStream(stream, self._check, self._bound)
+
+    async def connect_unix_socket(
+        self, path: str, timeout: float | None = None, socket_options: Iterable[Any] | None = None
+    ) -> httpcore.AsyncNetworkStream:
+        stream = await self._inner.connect_unix_socket(path, self._bound(timeout), socket_options)
+        return _CheckedStream(stream, self._check, self._bound)
+
+    async def sleep(self, seconds: float) -> None:
+        await self._inner.sleep(seconds)
+
+
+# ---------------------------------------------------------------- contexts and transport
+
+
+def unverified_context() -> ssl.SSLContext:
+    """Client context that accepts any certificate: the pin (or nothing, in "off") replaces the chain."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    return ctx
+
+
+def ca_context(ca_file: str | Path) -> ssl.SSLContext:
+    """Full verification (chain and host name) against the given CA file only."""
+    try:
+        ctx = ssl.create_default_context(cafile=str(ca_file))
+    except (OSError, ssl.SSLError) as exc:
+        raise UpstreamTLSError(f"cannot load upstream.ca_file {ca_file}: {exc}") from exc
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    return ctx
+
+
+def make_transport(
+    url: str,
+    *,
+    mode: str,
+    pin_file: Path,
+    ca_file: str = "",
+    connect_timeout: float,
+    limits: httpx.Limits | None = None,
+) -> httpx.AsyncBaseTransport:
+    """The httpx transport for talking to the PVS at ``url`` under ``mode`` ("pin" | "ca" | "off")."""
+    if mode not in MODES:
+        raise ValueError(f"upstream.verify_tls must be one of {MODES} (got {mode!r})")
+    limits = limits or httpx.Limits(max_connections=100, max_keepalive_connections=20)  # httpx's own default
+    https = urllib.parse.urlsplit(url).scheme == "https"
+    check: _Check | None = None
+    if not https:
+        ssl_context = unverified_context()  # never used: http:// has no handshake
+    elif mode == "pin":
+        ssl_context = unverified_context()
+        check = _Pinner(pin_file, url).check
+    elif mode == "ca":
+        ssl_context = ca_context(ca_file)
+    else:
+        ssl_context = unverified_context()
+        log.warning(
+            "upstream.verify_tls = \"off\": the PVS certificate is not checked; anyone on the path can read the PVS password"
+        )
+
+    transport = httpx.AsyncHTTPTransport(verify=ssl_context, limits=limits, trust_env=False)
+    # httpx 0.28 has no public way to pass an httpcore network backend, so the pool it
+    # built is replaced by an identical one that has ours. tests/test_pinning.py guards
+    # this private attribute; pyproject pins httpx < 0.29 for it.
+    if not isinstance(getattr(transport, "_pool", None), httpcore.AsyncConnectionPool):
+        raise RuntimeError("httpx.AsyncHTTPTransport layout changed: cannot install the PVS certificate check")
+    transport._pool = httpcore.AsyncConnectionPool(
+        ssl_context=ssl_context,
+        max_connections=limits.max_connections,
+        max_keepalive_connections=limits.max_keepalive_connections,
+        keepalive_expiry=limits.keepalive_expiry,
+        http1=True,
+        http2=False,
+        network_backend=_CheckedBackend(httpcore.AnyIOBackend(), check, connect_timeout),
+    )
+    return transport
+
+
+# ---------------------------------------------------------------- CLI helpers
+
+
+def _host_port(url: str) -> tuple[str, int]:
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme != "https" or not parts.hostname:
+        raise ValueError(f"upstream.url must be an https:// URL to have a certificate (got {url!r})")
+    return parts.hostname, parts.port or 443
+
+
+def _fetch_der(url: str, timeout: float) -> bytes:
+    host, port = _host_port(url)
+    with socket.create_connection((host, port), timeout=timeout) as sock:
+        with unverified_context().wrap_socket(sock, server_hostname=host) as tls:
+            der = tls.getpeercert(True)
+    if not der:
+        raise UpstreamTLSError(f"{url} presented no TLS certificate")
+    return der
+
+
+def fetch_certificate(url: str, *, timeout: float = 10.0) -> tuple[str, str]:
+    """Connect to the PVS and return ``(sha256 fingerprint, PEM)`` of the certificate it presents."""
+    der = _fetch_der(url, timeout)
+    return cert_fingerprint(der), ssl.DER_cert_to_PEM_cert(der)
+
+
+def accept_current(url: str, pin_file: Path, *, timeout: float = 10.0) -> str:
+    """Pin whatever certificate the PVS presents now (``certs trust-pvs``); returns its fingerprint."""
+    try:
+        old = read_pin(pin_file)
+    except UpstreamTLSError:
+        old = None  # a damaged pin file is exactly what this command repairs
+    der = _fetch_der(url, timeout)
+    fp = write_pin(pin_file, der, url)["sha256"]
+    old_fp = old["sha256"] if old else "(none)"
+    log.warning("re-pinned PVS certificate: old sha256=%s, new sha256=%s (%s)", old_fp, fp, pin_file)
+    return fp
+
