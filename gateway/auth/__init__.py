@@ -1,0 +1,26 @@
+"""Who is calling: the identity every credential form resolves to."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+ROLES = ("viewer", "admin")
+
+
+@dataclass(frozen=True, slots=True)
+class Principal:
+    """An authenticated (or anonymously admitted) caller.
+
+    ``id`` is stable and safe to log ("key:k7f3a9qz", "oidc:<sub>", "anon:192.0.2.1");
+    ``name`` is the human label (key name, e-mail); ``method`` says how it was proven.
+    """
+
+    id: str
+    name: str
+    role: str
+    method: str
+    rate_limit: str | None = None
+
+    @property
+    def is_admin(self) -> bool:
+        return self.role == "admin"

@@ -1,0 +1,280 @@
+"""Authentication and roles, as pure ASGI middleware.
+
+Order of checks for a request:
+1. Open paths (/healthz, /readyz, the OIDC login endpoints) pass untouched.
+2. A client IP over ``ratelimit.auth_failures`` gets 429, even with a valid
+   key, until its window passes (brute force), logged once per window.
+3. Credentials, in this order: Authorization (Bearer API key or JWT, Basic
+   with the key as password), X-API-Key, the gateway's ``session`` cookie
+   (from /auth?login), the OIDC browser session, a trusted front proxy's user
+   header. Presented-but-wrong credentials count as a failure for the IP.
+4. No credentials: a viewer if the IP is in ``allow_anonymous_from``; else a
+   browser asking for a page is sent to the OIDC login, anything else gets
+   401 with ``WWW-Authenticate``.
+5. The route's role: admin views need an admin (403 otherwise).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import logging
+import time
+import urllib.parse
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from gateway.auth import Principal
+from gateway.errors import GatewayError
+from gateway.middleware.forwarded import Network, in_networks
+from gateway.responses import send_problem
+
+log = logging.getLogger("gateway.auth")
+
+OPEN_PATHS = frozenset({"/healthz", "/readyz", "/auth/login", "/auth/callback", "/auth/logout", "/favicon.ico"})
+# /auth/verify and /auth?login check credentials themselves (ForwardAuth and
+# LocalAPI contracts), but they still pass through the brute-force gate.
+SELF_CHECKED = frozenset({"/auth/verify", "/auth"})
+
+KeyVerifier = Callable[[str], Principal | None]
+SessionVerifier = Callable[[str], Principal | None]
+BearerVerifier = Callable[[str], Awaitable[Principal]]
+ScopeVerifier = Callable[[Scope], Principal | None]
+
+
+class AuthFailed(GatewayError):
+    status = 401
+
+
+class Forbidden(GatewayError):
+    status = 403
+
+
+class FailureGate:
+    """Per-IP failed-credential counting (brute force), backed by ``limits``."""
+
+    def __init__(self, hit: Callable[[str], Awaitable[bool]], blocked: Callable[[str], Awaitable[float]]) -> None:
+        self._hit = hit
+        self._blocked = blocked
+        self._logged: dict[str, float] = {}
+
+    async def retry_after(self, ip: str) -> float:
+        """Seconds until ``ip`` may try again; 0 when it is not blocked."""
+        wait = await self._blocked(ip)
+        if wait > 0:
+            now = time.monotonic()
+            # Once per block, never per request: an attacker must not be able to fill the logs.
+            if now >= self._logged.get(ip, 0.0):
+                if len(self._logged) > 10000:
+                    self._logged.clear()
+                self._logged[ip] = now + wait
+                log.warning("too many failed credentials from %s: refusing it for %.0f s", ip, wait)
+        return wait
+
+    async def failed(self, ip: str) -> None:
+        await self._hit(ip)
+
+
+class Authenticator:
+    """Turns a request's credentials into a Principal (or None when it has none)."""
+
+    def __init__(
+        self,
+        *,
+        api_key: KeyVerifier | None,
+        session: SessionVerifier | None,
+        bearer_jwt: BearerVerifier | None = None,
+        browser_session: ScopeVerifier | None = None,
+        front_proxy: ScopeVerifier | None = None,
+    ) -> None:
+        self._api_key = api_key
+        self._session = session
+        self._bearer_jwt = bearer_jwt
+        self._browser_session = browser_session
+        self._front_proxy = front_proxy
+
+    async def authenticate(self, scope: Scope) -> Principal | None:
+        authorization = api_key = cookie = None
+        for name, value in scope["headers"]:
+            if name == b"authorization":
+                authorization = value.decode("latin-1")
+            elif name == b"x-api-key":
+                api_key = value.decode("latin-1")
+            elif name == b"cookie":
+                cookie = value.decode("latin-1") if cookie is None else f"{cookie}; {value.decode('latin-1')}"
+        if authorization is not None:
+            return await self._from_authorization(authorization)
+        if api_key is not None:
+            return self._key(api_key.strip())
+        if cookie is not None and self._session is not None:
+            token = _cookie_value(cookie, "session")
+            if token:
+                principal = self._session(token)
+                if principal is None:
+                    raise AuthFailed("the session has expired or was revoked: log in again")
+                return principal
+        if self._browser_session is not None:
+            principal = self._browser_session(scope)
+            if principal is not None:
+                return principal
+        if self._front_proxy is not None:
+            return self._front_proxy(scope)
+        return None
+
+    async def _from_authorization(self, value: str) -> Principal:
+        scheme, _, credentials = value.strip().partition(" ")
+        scheme = scheme.lower()
+        credentials = credentials.strip()
+        if scheme == "bearer":
+            if credentials.startswith("pvsgw_") or self._bearer_jwt is None or credentials.count(".") != 2:
+                return self._key(credentials)
+            return await self._bearer_jwt(credentials)
+        if scheme == "basic":
+            try:
+                decoded = base64.b64decode(credentials, validate=True).decode("utf-8")
+            except (binascii.Error, UnicodeDecodeError):
+                raise AuthFailed("malformed Basic credentials") from None
+            _, sep, password = decoded.partition(":")
+            if not sep:
+                raise AuthFailed("malformed Basic credentials")
+            return self._key(password)
+        raise AuthFailed("unsupported Authorization scheme: use Bearer or Basic")
+
+    def _key(self, presented: str) -> Principal:
+        principal = self._api_key(presented) if self._api_key is not None else None
+        if principal is None:
+            raise AuthFailed("invalid, expired or revoked API key")
+        return principal
+
+
+def _cookie_value(header: str, name: str) -> str | None:
+    for part in header.split(";"):
+        key, _, value = part.strip().partition("=")
+        if key == name:
+            return value
+    return None
+
+
+class AuthMiddleware:
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        authenticator: Authenticator,
+        gate: FailureGate,
+        anonymous_from: tuple[Network, ...],
+        admin_paths: frozenset[str],
+        anonymous_paths: frozenset[str] = frozenset(),
+        login_redirect: bool = False,
+        unauthenticated_limit: Callable[[Scope], Awaitable[Any]] | None = None,
+    ) -> None:
+        self.app = app
+        self.authenticator = authenticator
+        self.gate = gate
+        self.anonymous_from = anonymous_from
+        self.admin_paths = admin_paths
+        self.anonymous_paths = anonymous_paths
+        self.login_redirect = login_redirect
+        # Requests that will get a 401 never reach the rate-limit middleware: limit them by IP here.
+        self.unauthenticated_limit = unauthenticated_limit
+        self._challenge = [
+            ("WWW-Authenticate", 'Bearer realm="pvs-gateway"'),
+            ("WWW-Authenticate", 'Basic realm="pvs-gateway", charset="UTF-8"'),
+        ]
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        path = _route_path(scope)
+        if path in OPEN_PATHS or path in self.anonymous_paths:
+            await self.app(scope, receive, send)
+            return
+        state = scope.setdefault("state", {})
+        ip = scope["client"][0] if scope.get("client") else "unknown"
+        head = scope["method"] == "HEAD"
+
+        wait = await self.gate.retry_after(ip)
+        if wait > 0:
+            await send_problem(send, _blocked(wait), head=head)
+            return
+        try:
+            principal = await self.authenticator.authenticate(scope)
+        except AuthFailed as exc:
+            await self.gate.failed(ip)
+            state["gateway.detail"] = exc.detail
+            if path in SELF_CHECKED:
+                state["auth_error"] = exc
+                await self.app(scope, receive, send)
+                return
+            exc.headers = self._challenge
+            await send_problem(send, exc, head=head)
+            return
+        except Forbidden as exc:
+            state["gateway.detail"] = exc.detail
+            await send_problem(send, exc, head=head)
+            return
+        if principal is None and self.anonymous_from and in_networks(ip, self.anonymous_from):
+            principal = Principal(f"anon:{ip}", "anonymous", "viewer", "anonymous")
+        if principal is None:
+            if path in SELF_CHECKED:
+                await self.app(scope, receive, send)
+                return
+            if self.unauthenticated_limit is not None:
+                verdict = await self.unauthenticated_limit(scope)
+                if verdict is not None and not verdict.allowed:
+                    await send_problem(send, verdict.problem(), head=head)
+                    return
+            if self.login_redirect and _wants_page(scope, path):
+                await _redirect_to_login(scope, send)
+                return
+            await send_problem(send, AuthFailed("credentials required: an API key or a login", headers=self._challenge), head=head)
+            return
+        state["principal"] = principal
+        if path in self.admin_paths and not principal.is_admin:
+            state["gateway.detail"] = "admin role required"
+            await send_problem(send, Forbidden(f"{path} needs the admin role; {principal.name} is a {principal.role}"), head=head)
+            return
+        await self.app(scope, receive, send)
+
+
+def _blocked(wait: float) -> GatewayError:
+    return GatewayError(
+        "too many failed credentials from your address; wait before trying again",
+        status=429,
+        headers=[("Retry-After", str(max(1, round(wait))))],
+        extra={"violated-policies": ["auth_failures"]},
+    )
+
+
+def _route_path(scope: Scope) -> str:
+    path: str = scope["path"]
+    root = scope.get("root_path", "")
+    if root and path.startswith(root):
+        path = path[len(root) :] or "/"
+    return path
+
+
+def _wants_page(scope: Scope, path: str) -> bool:
+    if path != "/" and not path.startswith("/ui"):
+        return False
+    for name, value in scope["headers"]:
+        if name == b"accept":
+            return b"text/html" in value
+    return False
+
+
+async def _redirect_to_login(scope: Scope, send: Send) -> None:
+    root = scope.get("root_path", "")
+    target = _route_path(scope)
+    location = f"{root}/auth/login?next={urllib.parse.quote(target, safe='/')}"
+    await send(
+        {
+            "type": "http.response.start",
+            "status": 302,
+            "headers": [(b"location", location.encode()), (b"content-length", b"0"), (b"cache-control", b"no-store")],
+        }
+    )
+    await send({"type": "http.response.body", "body": b""})
