@@ -1,0 +1,198 @@
+"""Wiring: the only module that builds and connects the gateway's parts.
+
+``create_app(settings)`` is pure construction (no I/O until the lifespan
+starts), so tests and the CLI build the same app. Request flow, outermost
+first: access log -> forwarded headers (trusted proxies only) -> guard
+(method, sizes, security headers) -> authentication -> rate limits -> routes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from gateway import local, routes
+from gateway.auth import Principal
+from gateway.auth.keys import KeyStore
+from gateway.auth.middleware import AuthMiddleware, Authenticator, FailureGate
+from gateway.auth.sessions import SessionSigner, load_or_create_secret
+from gateway.budget import UpstreamBudget
+from gateway.cache import ResponseCache
+from gateway.errors import PROBLEM_TYPE, problem_body
+from gateway.health import UpstreamHealth
+from gateway.middleware.accesslog import AccessLogMiddleware
+from gateway.middleware.forwarded import ForwardedMiddleware, parse_networks
+from gateway.middleware.guard import GuardMiddleware
+from gateway.poller import Poller
+from gateway.proxy import Proxy
+from gateway.ratelimit import RateLimiter, RateLimitMiddleware
+from gateway.settings import Settings
+from gateway.upstream import UpstreamClient
+
+log = logging.getLogger("gateway")
+
+ADMIN_PATHS = frozenset({"/stats", "/metrics"})
+
+
+@dataclass
+class Components:
+    """The running parts, exposed on ``app.state.gateway`` for tests and tools."""
+
+    settings: Settings
+    keys: KeyStore
+    cache: ResponseCache
+    upstream: UpstreamClient
+    limiter: RateLimiter
+    per_identity: dict[str, dict[str, int]] = field(default_factory=dict)
+    background: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
+
+
+def upstream_transport(settings: Settings) -> httpx.AsyncBaseTransport:
+    from gateway import pinning
+
+    up = settings.upstream
+    return pinning.make_transport(
+        up.url,
+        mode=up.verify_tls,
+        pin_file=settings.path(settings.server.cert_dir) / "pvs-pin.json",
+        ca_file=str(settings.path(up.ca_file)) if up.ca_file else "",
+        connect_timeout=up.connect_timeout,
+        limits=httpx.Limits(max_connections=up.max_concurrency + 1, max_keepalive_connections=up.max_concurrency),
+    )
+
+
+def create_app(settings: Settings, *, transport: httpx.AsyncBaseTransport | None = None) -> Starlette:
+    up = settings.upstream
+    health = UpstreamHealth(
+        failure_threshold=up.failure_threshold,
+        backoff_initial=up.backoff_initial,
+        backoff_max=up.backoff_max,
+    )
+    budget = UpstreamBudget(
+        max_concurrency=up.max_concurrency,
+        min_interval=up.min_interval,
+        max_queue=up.max_queue,
+        queue_timeout=up.queue_timeout,
+    )
+    upstream = UpstreamClient(up, transport=transport or upstream_transport(settings), budget=budget, health=health)
+    cache = ResponseCache(settings.cache, is_failing=lambda: health.failing)
+    keys = KeyStore(settings.path(settings.auth.keys_file))
+    limiter = RateLimiter(settings.ratelimit)
+    parts = Components(settings, keys, cache, upstream, limiter)
+
+    secret = settings.auth.session_secret.get().encode()
+    signer = SessionSigner(secret or load_or_create_secret(settings.path(settings.server.cert_dir) / "session.key"))
+
+    def api_key(presented: str) -> Principal | None:
+        record = keys.verify(presented)
+        if record is None:
+            return None
+        keys.record_use(record.id)
+        return keys.principal(record)
+
+    def session(token: str) -> Principal | None:
+        kid = signer.verify(token)
+        record = keys.lookup(kid) if kid else None
+        if record is None:
+            return None
+        keys.record_use(record.id)
+        p = keys.principal(record)
+        return Principal(p.id, p.name, p.role, "session", p.rate_limit)
+
+    proxy = Proxy(
+        settings,
+        cache=cache,
+        upstream=upstream,
+        local={
+            "Start": local.session_control(cache),
+            "Stop": local.session_control(cache),
+            "auth.login": local.login(signer, settings.auth.session_lifetime),
+            "auth.logout": local.login(signer, settings.auth.session_lifetime),
+        },
+    )
+    poller = Poller(settings, proxy=proxy, cache=cache, upstream=upstream)
+
+    route_list = [
+        Route("/cgi-bin/dl_cgi", proxy),
+        Route("/cgi-bin/dl_cgi/{rest:path}", proxy),
+        Route("/vars", proxy),
+        Route("/auth", proxy),
+        Route("/healthz", routes.healthz),
+        Route("/readyz", routes.readyz(cache, health, settings.cache.max_stale)),
+        Route("/stats", routes.stats(cache, upstream, parts.per_identity, time.monotonic())),
+        Route("/auth/verify", routes.verify),
+    ]
+
+    async def gate_hit(ip: str) -> bool:
+        return await limiter.auth_failure(ip)
+
+    authenticator = Authenticator(api_key=api_key if "api_key" in settings.auth.methods else None, session=session)
+    middleware = [
+        Middleware(AccessLogMiddleware, style=settings.server.access_log, per_identity=parts.per_identity),
+        Middleware(ForwardedMiddleware, trusted=parse_networks(settings.server.trusted_proxies)),
+        Middleware(GuardMiddleware, settings=settings.server),
+        Middleware(
+            AuthMiddleware,
+            authenticator=authenticator,
+            gate=FailureGate(gate_hit, limiter.auth_blocked_for),
+            anonymous_from=parse_networks(settings.auth.allow_anonymous_from),
+            admin_paths=ADMIN_PATHS if settings.auth.metrics_role == "admin" else ADMIN_PATHS - {"/metrics"},
+            anonymous_paths=frozenset({"/metrics"}) if settings.auth.metrics_role == "anonymous" else frozenset(),
+            unauthenticated_limit=limiter.check_ip,
+        ),
+        Middleware(RateLimitMiddleware, limiter=limiter),
+    ]
+
+    parts.background += [keys.watch, poller.run]
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        keys.reload_if_changed()
+        tasks = [asyncio.create_task(job(), name=job.__qualname__) for job in parts.background]
+        try:
+            yield
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            keys.flush_usage(force=True)
+            await cache.aclose()
+            await upstream.aclose()
+
+    app = Starlette(
+        routes=route_list,
+        middleware=middleware,
+        lifespan=lifespan,
+        exception_handlers={HTTPException: _http_problem, Exception: _internal_problem},
+    )
+    app.state.gateway = parts
+    return app
+
+
+async def _http_problem(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    detail = "no such endpoint" if exc.status_code == 404 else str(exc.detail)
+    return Response(problem_body(exc.status_code, detail), exc.status_code, media_type=PROBLEM_TYPE)
+
+
+async def _internal_problem(request: Request, exc: Exception) -> Response:
+    log.exception("internal error on %s", request.url.path, exc_info=exc)
+    return Response(problem_body(500, "internal error; see the gateway's log"), 500, media_type=PROBLEM_TYPE)
+
+
+def components(app: Any) -> Components:
+    parts: Components = app.state.gateway
+    return parts

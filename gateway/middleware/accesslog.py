@@ -1,0 +1,89 @@
+"""One access line per request, and per-identity counts for /stats.
+
+The line carries a request id, the identity (key id and name, never a
+secret), the real client IP (after trusted-proxy resolution), status,
+duration and cache status. Query strings are logged; credentials never
+travel in them (the gateway accepts none there).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import secrets
+import time
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from gateway.auth import Principal
+
+log = logging.getLogger("gateway.access")
+
+
+class AccessLogMiddleware:
+    def __init__(self, app: ASGIApp, *, style: str, per_identity: dict[str, dict[str, int]]) -> None:
+        self.app = app
+        self.style = style
+        self.per_identity = per_identity
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        start = time.perf_counter()
+        request_id = secrets.token_hex(6)
+        state = scope.setdefault("state", {})
+        state["request_id"] = request_id
+        status = 500
+
+        async def send_logged(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                message["headers"] = [*message.get("headers", ()), (b"x-request-id", request_id.encode())]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_logged)
+        finally:
+            self._record(scope, state, status, time.perf_counter() - start, request_id)
+
+    def _record(self, scope: Scope, state: dict, status: int, duration: float, request_id: str) -> None:
+        principal: Principal | None = state.get("principal")
+        identity = principal.id if principal is not None else "-"
+        counts = self.per_identity.get(identity)
+        if counts is None:
+            if len(self.per_identity) >= 1000:
+                identity = "other"  # unbounded identities (anonymous IPs) must not grow memory
+            counts = self.per_identity.setdefault(identity, {"requests": 0, "errors": 0})
+        counts["requests"] += 1
+        if status >= 400:
+            counts["errors"] += 1
+        if self.style == "off" or not log.isEnabledFor(logging.INFO):
+            return
+        client = scope["client"][0] if scope.get("client") else "-"
+        path = scope.get("root_path", "") + scope["path"]
+        query = scope.get("query_string", b"").decode("latin-1")
+        target = f"{path}?{query}" if query else path
+        fields = {
+            "request_id": request_id,
+            "client": client,
+            "identity": identity,
+            "name": principal.name if principal is not None else "-",
+            "method": scope["method"],
+            "target": target[:512],
+            "status": status,
+            "duration_ms": round(duration * 1000, 2),
+            "cache": state.get("gateway.cache", "-"),
+        }
+        if "gateway.detail" in state:
+            fields["detail"] = state["gateway.detail"]
+        if self.style == "json":
+            log.info(json.dumps(fields, separators=(",", ":")))
+        else:
+            log.info(" ".join(f"{k}={_quote(v)}" for k, v in fields.items()))
+
+
+def _quote(value: object) -> str:
+    text = str(value)
+    return json.dumps(text) if (" " in text or '"' in text or not text) else text

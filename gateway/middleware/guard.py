@@ -1,0 +1,82 @@
+"""The outer guard: method, size limits, bodies, and security headers on every answer.
+
+Runs before authentication so that a POST gets 405 whatever the credentials,
+and oversized or body-carrying requests are refused before any work is done.
+"""
+
+from __future__ import annotations
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from gateway.errors import RequestRejected
+from gateway.responses import send_problem
+from gateway.settings import ServerSettings
+
+ALLOWED_METHODS = frozenset({"GET", "HEAD"})
+
+# Gateway answers are JSON for programs; the dashboard sets its own, looser CSP.
+_DEFAULT_SECURITY = (
+    (b"x-content-type-options", b"nosniff"),
+    (b"referrer-policy", b"no-referrer"),
+    (b"x-frame-options", b"DENY"),
+    (b"cross-origin-resource-policy", b"same-origin"),
+)
+_DEFAULT_CSP = (b"content-security-policy", b"default-src 'none'; frame-ancestors 'none'")
+
+
+class GuardMiddleware:
+    def __init__(self, app: ASGIApp, settings: ServerSettings) -> None:
+        self.app = app
+        self.max_url = settings.max_url_length
+        self.max_header_count = settings.max_header_count
+        self.max_header_bytes = settings.max_header_bytes
+        self.hsts = (b"strict-transport-security", b"max-age=%d" % settings.hsts_max_age) if settings.hsts_max_age else None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            if scope["type"] == "websocket":
+                await send({"type": "websocket.close", "code": 1008})
+                return
+            await self.app(scope, receive, send)
+            return
+
+        extra = list(_DEFAULT_SECURITY)
+        if self.hsts is not None and scope.get("scheme") == "https":
+            extra.append(self.hsts)
+
+        async def send_secured(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                headers = list(message.get("headers", ()))
+                names = {name for name, _ in headers}
+                headers.extend(h for h in extra if h[0] not in names)
+                if b"content-security-policy" not in names:
+                    headers.append(_DEFAULT_CSP)
+                message["headers"] = headers
+            await send(message)
+
+        problem = self._check(scope)
+        if problem is not None:
+            scope.setdefault("state", {})["gateway.detail"] = problem.detail
+            await send_problem(send_secured, problem, head=scope["method"] == "HEAD")
+            return
+        await self.app(scope, receive, send_secured)
+
+    def _check(self, scope: Scope) -> RequestRejected | None:
+        if scope["method"] not in ALLOWED_METHODS:
+            return RequestRejected(
+                f"{scope['method'][:16]} is not allowed: this gateway is read-only (GET and HEAD)",
+                status=405,
+                headers=[("Allow", "GET, HEAD")],
+            )
+        raw_path = scope.get("raw_path") or scope["path"].encode()
+        if len(raw_path) + len(scope.get("query_string", b"")) > self.max_url:
+            return RequestRejected(f"URL longer than {self.max_url} bytes", status=414)
+        headers = scope["headers"]
+        if len(headers) > self.max_header_count:
+            return RequestRejected(f"more than {self.max_header_count} header fields", status=431)
+        if sum(len(k) + len(v) for k, v in headers) > self.max_header_bytes:
+            return RequestRejected(f"header fields larger than {self.max_header_bytes} bytes", status=431)
+        for name, value in headers:
+            if (name == b"content-length" and value.strip() not in (b"", b"0")) or name == b"transfer-encoding":
+                return RequestRejected("GET and HEAD requests must not carry a body", status=400)
+        return None

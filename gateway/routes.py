@@ -1,0 +1,109 @@
+"""The gateway's own endpoints: health, readiness, stats, ForwardAuth."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+
+from gateway import __version__
+from gateway.auth import Principal
+from gateway.cache import ResponseCache
+from gateway.health import UpstreamHealth
+from gateway.upstream import UpstreamClient
+
+NO_STORE = {"Cache-Control": "no-store"}
+
+
+async def healthz(request: Request) -> Response:
+    return JSONResponse({"status": "ok"}, headers=NO_STORE)
+
+
+def readyz(cache: ResponseCache, health: UpstreamHealth, max_stale: float) -> Callable[[Request], Any]:
+    """Ready when the PVS answered recently or the cache still holds usable data."""
+
+    async def endpoint(request: Request) -> Response:
+        since = health.since_success()
+        upstream_ok = since is not None and since <= max_stale
+        body = {
+            "ready": upstream_ok,
+            "upstream": {
+                "consecutive_failures": health.consecutive_failures,
+                "last_success": _iso(health.last_success),
+                "seconds_since_success": None if since is None else round(since, 1),
+                "backoff_remaining": round(health.backoff_remaining(), 1),
+                "last_error": health.last_error,
+            },
+        }
+        return JSONResponse(body, status_code=200 if upstream_ok else 503, headers=NO_STORE)
+
+    return endpoint
+
+
+def stats(
+    cache: ResponseCache,
+    upstream: UpstreamClient,
+    per_identity: dict[str, dict[str, int]],
+    started: float,
+) -> Callable[[Request], Any]:
+    async def endpoint(request: Request) -> Response:
+        s = cache.stats
+        served = s.hits + s.stale_revalidating + s.stale_on_error + s.misses + s.collapsed
+        health = upstream.health
+        body = {
+            "version": __version__,
+            "uptime_seconds": round(time.monotonic() - started, 1),
+            "firmware": upstream.firmware,
+            "cache": {
+                **s.as_dict(),
+                "entries": len(cache),
+                "bytes": cache.size_bytes,
+                "hit_ratio": round((s.hits + s.stale_revalidating + s.stale_on_error) / served, 4) if served else None,
+            },
+            "upstream": {
+                "requests": upstream.requests,
+                "in_flight": upstream.budget.in_flight,
+                "max_in_flight": upstream.budget.max_in_flight,
+                "queued": upstream.budget.queued,
+                "shed": upstream.budget.shed,
+                "consecutive_failures": health.consecutive_failures,
+                "errors": health.errors_by_kind,
+                "last_success": _iso(health.last_success),
+                "reboots_noticed": health.reboots_noticed,
+            },
+            "identities": per_identity,
+        }
+        return JSONResponse(body, headers=NO_STORE)
+
+    return endpoint
+
+
+async def verify(request: Request) -> Response:
+    """Traefik ForwardAuth: 200 with identity headers, else 401 (403/429 come from the middleware)."""
+    principal: Principal | None = request.scope.get("state", {}).get("principal")
+    if principal is None:
+        error = request.scope.get("state", {}).get("auth_error")
+        detail = error.detail if error is not None else "credentials required: an API key or a login"
+        return JSONResponse(
+            {"type": "about:blank", "title": "Unauthorized", "status": 401, "detail": detail},
+            status_code=401,
+            media_type="application/problem+json",
+            headers={"WWW-Authenticate": 'Bearer realm="pvs-gateway"', **NO_STORE},
+        )
+    headers = {
+        "X-Auth-Request-User": principal.name,
+        "Remote-User": principal.name,
+        "X-Pvs-Gateway-Identity": principal.id,
+        "X-Pvs-Gateway-Role": principal.role,
+        **NO_STORE,
+    }
+    return Response(status_code=200, headers=headers)
+
+
+def _iso(ts: float | None) -> str | None:
+    if ts is None:
+        return None
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts))
