@@ -1,0 +1,347 @@
+"""Trust in the PVS certificate: pin on first use, CA file, off.
+
+A fake PVS (real TLS on 127.0.0.1) records every byte each connection
+receives, so "refused before any request bytes" is observed on the server side.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import hashlib
+import json
+import logging
+import socket
+import ssl
+import stat
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpcore
+import httpx
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+from gateway import pinning, tls
+from gateway.errors import UpstreamTLSError
+
+
+def self_signed(directory: Path, cn: str) -> tuple[Path, Path, str]:
+    """A PVS-like self-signed certificate; returns (cert, key, colon-hex sha256 of its DER)."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
+    start = dt.datetime.now(dt.timezone.utc) - dt.timedelta(hours=1)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(start)
+        .not_valid_after(start + dt.timedelta(days=30))
+        .sign(key, hashes.SHA256())
+    )
+    cert_path, key_path = directory / f"{cn}.pem", directory / f"{cn}.key"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    pkcs8 = serialization.PrivateFormat.PKCS8
+    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, pkcs8, serialization.NoEncryption()))
+    fp = hashlib.sha256(cert.public_bytes(serialization.Encoding.DER)).hexdigest()
+    return cert_path, key_path, ":".join(fp[i : i + 2] for i in range(0, 64, 2)).upper()
+
+
+def server_context(cert: Path, key: Path) -> ssl.SSLContext:
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(cert, key)
+    return ctx
+
+
+class FakePVS:
+    """HTTPS (or HTTP) server whose certificate can be swapped; records bytes per connection."""
+
+    def __init__(self, ctx: ssl.SSLContext | None) -> None:
+        self.base = ctx
+        self.current = ctx
+        self.handshakes = 0
+        self.received: list[bytearray] = []
+        if ctx is not None:
+            ctx.sni_callback = self._sni
+
+    def _sni(self, ssl_obj: ssl.SSLObject, name: str | None, ctx: ssl.SSLContext) -> None:
+        self.handshakes += 1
+        if self.current is not ctx:
+            ssl_obj.context = self.current
+
+    def use(self, cert: Path, key: Path) -> None:
+        self.current = server_context(cert, key)
+
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        buf = bytearray()
+        self.received.append(buf)
+        try:
+            while b"\r\n\r\n" not in buf:
+                chunk = await asyncio.wait_for(reader.read(4096), 5)
+                if not chunk:
+                    return
+                buf += chunk
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok")
+            await writer.drain()
+        except (OSError, asyncio.TimeoutError):
+            pass
+        finally:
+            writer.close()
+
+    def all_bytes_since(self, index: int) -> bytes:
+        return b"".join(bytes(b) for b in self.received[index:])
+
+
+@contextlib.contextmanager
+def running(pvs: FakePVS) -> Iterator[int]:
+    loop = asyncio.new_event_loop()
+    server = loop.run_until_complete(asyncio.start_server(pvs.handle, "127.0.0.1", 0, ssl=pvs.base))
+    port = server.sockets[0].getsockname()[1]
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    try:
+        yield port
+    finally:
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(5)
+        server.close()
+        loop.run_until_complete(server.wait_closed())
+        loop.close()
+
+
+def get(transport: httpx.AsyncBaseTransport, url: str, times: int = 1) -> list[httpx.Response | BaseException]:
+    """``times`` sequential GETs through one transport (one client), results or exceptions."""
+
+    async def main() -> list[httpx.Response | BaseException]:
+        out: list[httpx.Response | BaseException] = []
+        async with httpx.AsyncClient(transport=transport, timeout=5) as client:
+            for _ in range(times):
+                try:
+                    out.append(await client.get(url + "/cgi-bin/dl_cgi?Command=DeviceList"))
+                except Exception as exc:  # noqa: BLE001 - the test inspects it
+                    out.append(exc)
+        return out
+
+    return asyncio.run(main())
+
+
+Certs = dict[str, tuple[Path, Path, str]]
+
+
+@pytest.fixture
+def certs(tmp_path: Path) -> Certs:
+    return {"a": self_signed(tmp_path, "pvs-a"), "b": self_signed(tmp_path, "pvs-b")}
+
+
+def pin_transport(url: str, pin_file: Path, **kw: object) -> httpx.AsyncBaseTransport:
+    return pinning.make_transport(url, mode="pin", pin_file=pin_file, connect_timeout=5, **kw)  # type: ignore[arg-type]
+
+
+# ---------------------------------------------------------------- pin mode
+
+
+def test_first_use_pins_and_same_certificate_is_accepted(tmp_path: Path, certs: Certs, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="gateway.pinning")
+    cert_a, key_a, fp_a = certs["a"]
+    pin_file = tmp_path / "state" / "pvs-pin.json"
+    pvs = FakePVS(server_context(cert_a, key_a))
+    with running(pvs) as port:
+        url = f"https://127.0.0.1:{port}"
+        (first,) = get(pin_transport(url, pin_file), url)
+        assert isinstance(first, httpx.Response) and first.text == "ok"
+        pin = json.loads(pin_file.read_text())
+        assert pin["sha256"] == fp_a
+        assert pin["subject"] == "CN=pvs-a" and pin["url"] == url
+        dt.datetime.fromisoformat(pin["first_seen"])
+        assert stat.S_IMODE(pin_file.stat().st_mode) == 0o600
+        assert f"pinned PVS certificate sha256={fp_a}" in caplog.text
+
+        # A later run (new transport, same pin file): accepted, pin untouched.
+        results = get(pin_transport(url, pin_file), url, times=2)
+        assert all(isinstance(r, httpx.Response) and r.status_code == 200 for r in results)
+        assert json.loads(pin_file.read_text()) == pin
+    assert pvs.all_bytes_since(0).count(b"GET /cgi-bin/dl_cgi?Command=DeviceList") == 3
+
+
+def test_changed_certificate_is_refused_before_any_request_byte(
+    tmp_path: Path, certs: Certs, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="gateway.pinning")
+    (cert_a, key_a, fp_a), (cert_b, key_b, fp_b) = certs["a"], certs["b"]
+    pin_file = tmp_path / "pin.json"
+    pvs = FakePVS(server_context(cert_a, key_a))
+    with running(pvs) as port:
+        url = f"https://127.0.0.1:{port}"
+        transport = pin_transport(url, pin_file)
+
+        async def scenario() -> tuple[list[object], int, int]:
+            async with httpx.AsyncClient(transport=transport, timeout=5) as client:
+                ok = await client.get(url + "/")
+                assert ok.status_code == 200
+                pvs.use(cert_b, key_b)  # the "PVS" now presents another certificate
+                mark, handshakes = len(pvs.received), pvs.handshakes
+                errors: list[object] = []
+                for _ in range(3):
+                    try:
+                        await client.get(url + "/auth?login", headers={"Authorization": "Basic c2VjcmV0"})
+                    except Exception as exc:  # noqa: BLE001
+                        errors.append(exc)
+                return errors, mark, handshakes
+
+        errors, mark, handshakes = asyncio.run(scenario())
+        assert len(errors) == 3
+        for exc in errors:
+            assert isinstance(exc, pinning.PinMismatchError) and isinstance(exc, UpstreamTLSError)
+            assert (exc.expected, exc.got) == (fp_a, fp_b)
+            assert "pvs-gateway certs trust-pvs" in exc.detail
+        assert pvs.handshakes >= handshakes + 3  # the handshakes really happened...
+        deadline = time.monotonic() + 2
+        while len(pvs.received) < mark + 3 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert pvs.all_bytes_since(mark) == b""  # ...and not one request byte followed them
+        assert json.loads(pin_file.read_text())["sha256"] == fp_a  # the pin is not overwritten
+
+        # Control: the same server does record bytes from a client that does not check.
+        mark = len(pvs.received)
+        (resp,) = get(pinning.make_transport(url, mode="off", pin_file=pin_file, connect_timeout=5), url)
+        assert isinstance(resp, httpx.Response)
+        assert b"GET /cgi-bin/dl_cgi" in pvs.all_bytes_since(mark)
+
+    mismatch_logs = [r for r in caplog.records if r.name == "gateway.pinning" and r.levelno >= logging.ERROR]
+    assert len(mismatch_logs) == 1  # once per presented certificate, not per request
+    message = mismatch_logs[0].getMessage()
+    assert fp_a in message and fp_b in message and "pvs-gateway certs trust-pvs" in message
+
+
+def test_accept_current_repins_and_the_running_transport_follows(
+    tmp_path: Path, certs: Certs, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="gateway.pinning")
+    (cert_a, key_a, fp_a), (cert_b, key_b, fp_b) = certs["a"], certs["b"]
+    pin_file = tmp_path / "pin.json"
+    pvs = FakePVS(server_context(cert_a, key_a))
+    with running(pvs) as port:
+        url = f"https://127.0.0.1:{port}"
+        transport = pin_transport(url, pin_file)
+        assert isinstance(get(transport, url)[0], httpx.Response)
+        pvs.use(cert_b, key_b)
+        transport = pin_transport(url, pin_file)
+        assert isinstance(get(transport, url)[0], pinning.PinMismatchError)
+
+        assert pinning.fetch_certificate(url) == (fp_b, ssl.DER_cert_to_PEM_cert(ssl.PEM_cert_to_DER_cert(cert_b.read_text())))
+        assert pinning.accept_current(url, pin_file) == fp_b
+        assert json.loads(pin_file.read_text())["sha256"] == fp_b
+        assert stat.S_IMODE(pin_file.stat().st_mode) == 0o600
+        assert f"old sha256={fp_a}, new sha256={fp_b}" in caplog.text
+        # Same transport, no restart: the pin file is read on each new connection.
+        (resp,) = get(transport, url)
+        assert isinstance(resp, httpx.Response) and resp.text == "ok"
+
+
+def test_damaged_pin_file_fails_closed(tmp_path: Path, certs: Certs) -> None:
+    cert_a, key_a, fp_a = certs["a"]
+    pin_file = tmp_path / "pin.json"
+    pin_file.write_text("{not json")
+    pvs = FakePVS(server_context(cert_a, key_a))
+    with running(pvs) as port:
+        url = f"https://127.0.0.1:{port}"
+        (result,) = get(pin_transport(url, pin_file), url)
+        assert isinstance(result, UpstreamTLSError)
+        time.sleep(0.05)
+        assert pvs.all_bytes_since(0) == b""
+        assert pinning.accept_current(url, pin_file) == fp_a  # the repair command works on it
+
+
+def test_pin_mode_enforces_its_own_connect_timeout(tmp_path: Path) -> None:
+    """A PVS that accepts TCP but never finishes the handshake fails fast, whatever the request timeout."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()
+    url = f"https://127.0.0.1:{listener.getsockname()[1]}"
+    transport = pinning.make_transport(url, mode="pin", pin_file=tmp_path / "pin.json", connect_timeout=0.3)
+
+    async def main() -> float:
+        start = time.monotonic()
+        async with httpx.AsyncClient(transport=transport, timeout=30) as client:
+            with pytest.raises(httpx.ConnectTimeout):
+                await client.get(url)
+        return time.monotonic() - start
+
+    try:
+        assert asyncio.run(main()) < 3
+    finally:
+        listener.close()
+    assert not (tmp_path / "pin.json").exists()
+
+
+def test_transport_installs_the_checking_backend(tmp_path: Path) -> None:
+    """Guards the private seam (httpx 0.28 keeps its httpcore pool in ``_pool``)."""
+    limits = httpx.Limits(max_connections=1, max_keepalive_connections=1, keepalive_expiry=7)
+    url = "https://127.0.0.1:1"
+    transport = pinning.make_transport(url, mode="pin", pin_file=tmp_path / "p", connect_timeout=1, limits=limits)
+    assert isinstance(transport, httpx.AsyncHTTPTransport)
+    pool = transport._pool
+    assert isinstance(pool, httpcore.AsyncConnectionPool)
+    assert isinstance(pool._network_backend, pinning._CheckedBackend)
+    assert (pool._max_connections, pool._max_keepalive_connections, pool._keepalive_expiry) == (1, 1, 7)
+    with pytest.raises(ValueError):
+        pinning.make_transport("https://127.0.0.1:1", mode="trust-me", pin_file=tmp_path / "p", connect_timeout=1)
+
+
+# ---------------------------------------------------------------- ca and off modes, plain http
+
+
+def test_ca_mode_verifies_against_the_ca_file(tmp_path: Path, certs: Certs) -> None:
+    issued = tls.ensure_certificates(tmp_path / "pvs-ca", ())  # a CA-signed PVS cert with IP SAN 127.0.0.1
+    other = tls.ensure_certificates(tmp_path / "other-ca", ())
+    pvs = FakePVS(server_context(issued.leaf_cert, issued.leaf_key))
+    with running(pvs) as port:
+        url = f"https://127.0.0.1:{port}"
+
+        def through(ca: Path) -> httpx.Response | BaseException:
+            transport = pinning.make_transport(url, mode="ca", pin_file=tmp_path / "unused", ca_file=str(ca), connect_timeout=5)
+            return get(transport, url)[0]
+
+        ok = through(issued.ca_cert)
+        assert isinstance(ok, httpx.Response) and ok.text == "ok"
+        mark = len(pvs.received)
+        bad = through(other.ca_cert)
+        assert isinstance(bad, httpx.ConnectError) and "CERTIFICATE_VERIFY_FAILED" in str(bad)
+        time.sleep(0.05)
+        assert pvs.all_bytes_since(mark) == b""
+    assert not (tmp_path / "unused").exists()
+
+
+def test_off_mode_accepts_anything_and_warns_once(tmp_path: Path, certs: Certs, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="gateway.pinning")
+    (cert_a, key_a, _), (cert_b, key_b, _) = certs["a"], certs["b"]
+    pvs = FakePVS(server_context(cert_a, key_a))
+    with running(pvs) as port:
+        url = f"https://127.0.0.1:{port}"
+        transport = pinning.make_transport(url, mode="off", pin_file=tmp_path / "pin.json", connect_timeout=5)
+        first = get(transport, url)[0]
+        pvs.use(cert_b, key_b)
+        second = get(transport, url)[0]
+    assert isinstance(first, httpx.Response) and isinstance(second, httpx.Response)
+    assert not (tmp_path / "pin.json").exists()
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING and "not checked" in r.getMessage()]
+    assert len(warnings) == 1
+
+
+def test_plain_http_url_gets_a_normal_transport(tmp_path: Path) -> None:
+    pvs = FakePVS(None)
+    with running(pvs) as port:
+        url = f"http://127.0.0.1:{port}"
+        (resp,) = get(pinning.make_transport(url, mode="pin", pin_file=tmp_path / "pin.json", connect_timeout=5), url)
+    assert isinstance(resp, httpx.Response) and resp.text == "ok"
+    assert not (tmp_path / "pin.json").exists()
+    with pytest.raises(ValueError):
+        pinning.fetch_certificate(url)

@@ -1,0 +1,108 @@
+"""Per-caller and per-IP limits with the IETF RateLimit fields; Redis shared between replicas."""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+
+import httpx
+import pytest
+
+from tests.harness import Simulator
+
+SUPERVISOR = "/cgi-bin/dl_cgi/supervisor/info"
+
+
+def test_sixth_request_of_one_key_is_limited_and_another_key_is_not(simulator: Simulator, make_gateway) -> None:
+    gw = make_gateway(simulator.url, {"ratelimit": {"per_caller": "5/minute"}})
+    with gw.client("viewer") as viewer, gw.client("admin") as admin:
+        for i in range(5):
+            r = viewer.get(SUPERVISOR)
+            assert r.status_code == 200
+            assert r.headers["ratelimit-policy"] == '"caller";q=5;w=60'
+            assert r.headers["ratelimit"].startswith(f'"caller";r={4 - i};t=')
+        limited = viewer.get(SUPERVISOR)
+        assert limited.status_code == 429
+        assert limited.headers["ratelimit-policy"] == '"caller";q=5;w=60'
+        assert limited.headers["ratelimit"].startswith('"caller";r=0;t=')
+        assert 1 <= int(limited.headers["retry-after"]) <= 60
+        problem = limited.json()
+        assert limited.headers["content-type"] == "application/problem+json"
+        assert problem["violated-policies"] == ["caller"]
+        assert problem["type"].endswith("#quota-exceeded")
+        assert admin.get(SUPERVISOR).status_code == 200
+        # Health checks are never limited.
+        assert viewer.get("/healthz").status_code == 200
+        assert "ratelimit" not in viewer.get("/healthz").headers
+
+
+def test_per_role_and_per_key_overrides(simulator: Simulator, make_gateway) -> None:
+    gw = make_gateway(simulator.url, {"ratelimit": {"per_caller": "2/minute", "roles": {"admin": "4/minute"}}})
+    gw.add_key("dashboard", rate_limit="3/minute")
+    with gw.client("viewer") as v, gw.client("admin") as a, gw.client("dashboard") as d:
+        assert [v.get(SUPERVISOR).status_code for _ in range(3)] == [200, 200, 429]
+        assert [a.get(SUPERVISOR).status_code for _ in range(5)] == [200] * 4 + [429]
+        deadline = time.monotonic() + 5
+        while d.get(SUPERVISOR).status_code == 401:  # the new key is picked up without a restart
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
+        assert d.get(SUPERVISOR).headers["ratelimit-policy"] == '"caller";q=3;w=60'
+
+
+def test_unauthenticated_requests_are_limited_by_client_ip(simulator: Simulator, make_gateway) -> None:
+    gw = make_gateway(simulator.url, {"ratelimit": {"per_ip": "3/minute"}, "server": {"trusted_proxies": ["127.0.0.1/32"]}})
+    with httpx.Client(base_url=gw.url) as c:
+        one = {"X-Forwarded-For": "192.0.2.10"}
+        two = {"X-Forwarded-For": "192.0.2.20"}
+        assert [c.get(SUPERVISOR, headers=one).status_code for _ in range(4)] == [401, 401, 401, 429]
+        assert c.get(SUPERVISOR, headers=two).status_code == 401
+        assert c.get("/healthz", headers=one).status_code == 200
+        # Identified callers from that address use their own budget.
+        assert c.get(SUPERVISOR, headers={**one, "Authorization": f"Bearer {gw.keys['viewer']}"}).status_code == 200
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture
+def redis_url(tmp_path) -> Iterator[str]:
+    if shutil.which("redis-server") is None:
+        pytest.skip("redis-server is not installed (scripts/install-test-deps installs it)")
+    port = _free_port()
+    proc = subprocess.Popen(
+        ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", str(tmp_path)],
+        stdout=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.2) as s:
+                s.sendall(b"PING\r\n")
+                if s.recv(16).startswith(b"+PONG"):
+                    break
+        except OSError:
+            pass
+        assert time.monotonic() < deadline, "redis-server did not start"
+        time.sleep(0.05)
+    yield f"redis://127.0.0.1:{port}"
+    proc.terminate()
+    proc.wait(timeout=5)
+
+
+def test_two_gateways_sharing_redis_enforce_one_limit(simulator: Simulator, make_gateway, redis_url: str) -> None:
+    config = {"ratelimit": {"per_caller": "6/minute", "storage": redis_url}}
+    first = make_gateway(simulator.url, config)
+    # The second replica shares the first's keys file, as replicas behind one Traefik would.
+    second = make_gateway(simulator.url, {**config, "auth": {"keys_file": str(first.workdir / "keys.json")}}, key_roles={})
+    key = first.keys["viewer"]
+    codes = []
+    for i in range(8):
+        gw = first if i % 2 == 0 else second
+        codes.append(httpx.get(gw.url + SUPERVISOR, headers={"Authorization": f"Bearer {key}"}).status_code)
+    assert codes == [200] * 6 + [429, 429]

@@ -1,0 +1,424 @@
+"""Server certificates: the household CA, its leaf, real handshakes and hot reload.
+
+Every handshake here is real TLS on 127.0.0.1; names other than 127.0.0.1 are
+only sent as SNI / checked against the certificate.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import hashlib
+import ipaddress
+import logging
+import os
+import shutil
+import socket
+import ssl
+import stat
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+import uvicorn
+from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID
+
+from gateway import tls
+from gateway.settings import ServerSettings, Settings
+
+EXTRA = ("pvs-gateway.example.lan", "192.0.2.10")
+V = ssl.TLSVersion
+
+
+def load(path: Path) -> x509.Certificate:
+    return x509.load_pem_x509_certificate(path.read_bytes())
+
+
+def sha256(der: bytes) -> str:
+    return hashlib.sha256(der).hexdigest()
+
+
+def pem_sha256(path: Path) -> str:
+    return sha256(ssl.PEM_cert_to_DER_cert(path.read_text()))
+
+
+def now() -> dt.datetime:
+    return dt.datetime.now(dt.timezone.utc)
+
+
+@pytest.fixture
+def cert_dir(tmp_path: Path) -> Path:
+    return tmp_path / "certs"
+
+
+@contextlib.contextmanager
+def tls_server(ctx: ssl.SSLContext) -> Iterator[int]:
+    """A real asyncio TLS server on 127.0.0.1 (what uvicorn does with config.ssl); yields its port."""
+    loop = asyncio.new_event_loop()
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            writer.write(b"ok")
+            await writer.drain()
+            writer.close()
+        except OSError:
+            pass
+
+    server = loop.run_until_complete(asyncio.start_server(handle, "127.0.0.1", 0, ssl=ctx))
+    port = server.sockets[0].getsockname()[1]
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    try:
+        yield port
+    finally:
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(5)
+        server.close()
+        loop.run_until_complete(server.wait_closed())
+        loop.close()
+
+
+def handshake(
+    port: int,
+    *,
+    cafile: Path | None = None,
+    server_hostname: str | None = "localhost",
+    version: ssl.TLSVersion | None = None,
+    ciphers: str | None = None,
+) -> tuple[bytes, str, str]:
+    """Connect to 127.0.0.1:port; return (peer cert DER, TLS version, cipher)."""
+    if cafile is not None:
+        ctx = ssl.create_default_context(cafile=str(cafile))
+    else:
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+    if version is not None:
+        ctx.minimum_version = ctx.maximum_version = version
+    if ciphers is not None:
+        ctx.set_ciphers(ciphers)
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+        with ctx.wrap_socket(sock, server_hostname=server_hostname) as conn:
+            der = conn.getpeercert(True)
+            assert conn.recv(2) == b"ok"
+            return der, conn.version() or "", conn.cipher()[0]
+
+
+# ---------------------------------------------------------------- issuing
+
+
+def test_ca_and_leaf_have_the_promised_shape(cert_dir: Path) -> None:
+    paths = tls.ensure_certificates(cert_dir, EXTRA)
+    ca, leaf = load(paths.ca_cert), load(paths.leaf_cert)
+
+    # CA: P-256, ~10 years, says it is this household's pvs-gateway, may sign leaves only.
+    assert isinstance(ca.public_key(), ec.EllipticCurvePublicKey) and ca.public_key().curve.name == "secp256r1"
+    assert 3640 <= (ca.not_valid_after_utc - ca.not_valid_before_utc).days <= 3660
+    subject = ca.subject.rfc4514_string()
+    assert "pvs-gateway local CA (" in subject and "O=pvs-gateway household CA" in subject
+    bc = ca.extensions.get_extension_for_class(x509.BasicConstraints)
+    assert bc.critical and bc.value.ca and bc.value.path_length == 0
+    ku = ca.extensions.get_extension_for_class(x509.KeyUsage).value
+    assert ku.key_cert_sign and ku.crl_sign and not ku.digital_signature
+    ca_ski = ca.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
+    assert ca.extensions.get_extension_for_class(x509.AuthorityKeyIdentifier).value.key_identifier == ca_ski.digest
+
+    # Leaf: P-256, short-lived, server auth only, under the CA.
+    assert isinstance(leaf.public_key(), ec.EllipticCurvePublicKey) and leaf.public_key().curve.name == "secp256r1"
+    assert 80 <= (leaf.not_valid_after_utc - leaf.not_valid_before_utc).days <= 397
+    assert not leaf.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
+    eku = leaf.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+    assert list(eku) == [ExtendedKeyUsageOID.SERVER_AUTH]
+    assert leaf.extensions.get_extension_for_class(x509.KeyUsage).value.digital_signature
+    assert leaf.extensions.get_extension_for_class(x509.AuthorityKeyIdentifier).value.key_identifier == ca_ski.digest
+    leaf.verify_directly_issued_by(ca)
+
+    san = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    dns = set(san.get_values_for_type(x509.DNSName))
+    ips = set(san.get_values_for_type(x509.IPAddress))
+    assert {"localhost", socket.gethostname().lower(), "pvs-gateway.example.lan"} <= dns
+    assert {ipaddress.ip_address("127.0.0.1"), ipaddress.ip_address("::1"), ipaddress.ip_address("192.0.2.10")} <= ips
+    assert "192.0.2.10" not in dns  # IP literals are IP SANs, not DNS names
+
+
+def test_key_files_are_private_from_creation(cert_dir: Path) -> None:
+    old = os.umask(0)  # a careless umask must not widen the keys: the mode is given at creation
+    try:
+        paths = tls.ensure_certificates(cert_dir, ())
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(cert_dir.stat().st_mode) == 0o700
+    assert stat.S_IMODE(paths.ca_key.stat().st_mode) == 0o600
+    assert stat.S_IMODE(paths.leaf_key.stat().st_mode) == 0o600
+    assert sorted(p.name for p in cert_dir.iterdir()) == sorted([tls.CA_CERT, tls.CA_KEY, tls.LEAF_CERT, tls.LEAF_KEY])
+
+
+def test_ca_and_leaf_are_reused(cert_dir: Path) -> None:
+    first = tls.ensure_certificates(cert_dir, EXTRA)
+    ca_fp, leaf_fp = tls.fingerprint(first.ca_cert), tls.fingerprint(first.leaf_cert)
+    tls.ensure_certificates(cert_dir, EXTRA)
+    assert tls.fingerprint(first.ca_cert) == ca_fp
+    assert tls.fingerprint(first.leaf_cert) == leaf_fp
+
+
+def test_leaf_renewed_near_expiry_under_the_same_ca(cert_dir: Path) -> None:
+    paths = tls.ensure_certificates(cert_dir, EXTRA, renew_days=30)
+    ca_fp, leaf_fp = tls.fingerprint(paths.ca_cert), tls.fingerprint(paths.leaf_cert)
+    # 59 days on, 31 days remain: not yet due.
+    tls.ensure_certificates(cert_dir, EXTRA, renew_days=30, now=now() + dt.timedelta(days=59))
+    assert tls.fingerprint(paths.leaf_cert) == leaf_fp
+    # 61 days on, 29 remain: renewed, valid from "then", same CA.
+    later = now() + dt.timedelta(days=61)
+    tls.ensure_certificates(cert_dir, EXTRA, renew_days=30, now=later)
+    assert tls.fingerprint(paths.leaf_cert) != leaf_fp
+    assert load(paths.leaf_cert).not_valid_after_utc > later + dt.timedelta(days=80)
+    assert tls.fingerprint(paths.ca_cert) == ca_fp
+    load(paths.leaf_cert).verify_directly_issued_by(load(paths.ca_cert))
+
+
+def test_leaf_reissued_when_names_change_but_ca_kept(cert_dir: Path) -> None:
+    paths = tls.ensure_certificates(cert_dir, EXTRA)
+    ca_fp, leaf_fp = tls.fingerprint(paths.ca_cert), tls.fingerprint(paths.leaf_cert)
+    tls.ensure_certificates(cert_dir, (*EXTRA, "solar.example.lan"))
+    assert tls.fingerprint(paths.leaf_cert) != leaf_fp
+    assert "solar.example.lan" in tls.describe(cert_dir)["leaf"]["sans"]
+    assert tls.fingerprint(paths.ca_cert) == ca_fp
+
+
+def test_leaf_from_another_ca_is_replaced(cert_dir: Path, tmp_path: Path) -> None:
+    paths = tls.ensure_certificates(cert_dir, EXTRA)
+    ca_fp = tls.fingerprint(paths.ca_cert)
+    other = tls.ensure_certificates(tmp_path / "other", EXTRA)
+    shutil.copy(other.leaf_cert, paths.leaf_cert)
+    shutil.copy(other.leaf_key, paths.leaf_key)
+    tls.ensure_certificates(cert_dir, EXTRA)
+    load(paths.leaf_cert).verify_directly_issued_by(load(paths.ca_cert))
+    assert tls.fingerprint(paths.ca_cert) == ca_fp
+
+
+def test_ca_whose_key_is_lost_is_never_silently_replaced(cert_dir: Path) -> None:
+    paths = tls.ensure_certificates(cert_dir, ())
+    before = paths.ca_cert.read_bytes()
+    paths.ca_key.unlink()
+    with pytest.raises(tls.TLSSetupError, match="key"):
+        tls.ensure_certificates(cert_dir, ())
+    assert paths.ca_cert.read_bytes() == before
+
+
+def test_renew_leaf_forces_a_new_leaf(cert_dir: Path) -> None:
+    paths = tls.ensure_certificates(cert_dir, EXTRA)
+    ca_fp, leaf_fp = tls.fingerprint(paths.ca_cert), tls.fingerprint(paths.leaf_cert)
+    tls.renew_leaf(cert_dir, EXTRA)
+    assert tls.fingerprint(paths.leaf_cert) != leaf_fp
+    assert tls.fingerprint(paths.ca_cert) == ca_fp
+
+
+def test_describe_export_and_fingerprint(cert_dir: Path) -> None:
+    paths = tls.ensure_certificates(cert_dir, EXTRA)
+    info = tls.describe(cert_dir)
+    assert info["ca"]["sha256"] == tls.fingerprint(paths.ca_cert)
+    assert info["ca"]["sha256"].replace(":", "").lower() == pem_sha256(paths.ca_cert)
+    assert len(info["ca"]["sha256"].split(":")) == 32
+    assert info["leaf"]["sha256"] == tls.leaf_fingerprint(cert_dir)
+    assert {"localhost", "127.0.0.1", "::1", *EXTRA} <= set(info["leaf"]["sans"])
+    assert info["leaf"]["issuer"] == info["ca"]["subject"]
+    assert 85 <= info["leaf"]["days_left"] <= 90 and info["ca"]["days_left"] > 3600
+    dt.datetime.fromisoformat(info["leaf"]["not_after"])
+    assert tls.export_ca(cert_dir) == paths.ca_cert.read_text()
+    assert "PRIVATE" not in tls.export_ca(cert_dir)
+    assert tls.describe(cert_dir.parent / "empty") == {"cert_dir": str(cert_dir.parent / "empty"), "ca": None, "leaf": None}
+
+
+def test_leaf_hostnames_adds_a_specific_listen_address() -> None:
+    assert tls.leaf_hostnames(ServerSettings(host="0.0.0.0", hostnames=("a.lan",))) == ("a.lan",)
+    assert tls.leaf_hostnames(ServerSettings(host="192.0.2.7", hostnames=("a.lan",))) == ("a.lan", "192.0.2.7")
+
+
+# ---------------------------------------------------------------- handshakes
+
+
+def test_client_trusting_only_the_ca_connects_by_every_name(cert_dir: Path, tmp_path: Path) -> None:
+    paths = tls.ensure_certificates(cert_dir, EXTRA)
+    with tls_server(tls.server_ssl_context(paths.leaf_cert, paths.leaf_key)) as port:
+        for name in ("localhost", "127.0.0.1", "pvs-gateway.example.lan", "192.0.2.10"):
+            der, _, _ = handshake(port, cafile=paths.ca_cert, server_hostname=name)
+            assert sha256(der) == pem_sha256(paths.leaf_cert)
+        # The checks are real: an unlisted name, or trusting another CA, fails.
+        with pytest.raises(ssl.SSLCertVerificationError):
+            handshake(port, cafile=paths.ca_cert, server_hostname="not-listed.example.lan")
+        other = tls.ensure_certificates(tmp_path / "other", EXTRA)
+        with pytest.raises(ssl.SSLCertVerificationError):
+            handshake(port, cafile=other.ca_cert, server_hostname="localhost")
+
+
+@pytest.mark.filterwarnings("ignore:ssl.TLSVersion.TLSv1_1 is deprecated:DeprecationWarning")
+def test_tls12_and_13_work_tls11_and_cbc_are_refused(cert_dir: Path) -> None:
+    paths = tls.ensure_certificates(cert_dir, ())
+    ours = tls.server_ssl_context(paths.leaf_cert, paths.leaf_key)
+    with tls_server(ours) as port:
+        _, version, cipher = handshake(port, cafile=paths.ca_cert, version=V.TLSv1_2)
+        assert version == "TLSv1.2" and cipher in tls.TLS12_CIPHERS.split(":")
+        _, version, _ = handshake(port, cafile=paths.ca_cert, version=V.TLSv1_3)
+        assert version == "TLSv1.3"
+        with pytest.raises(ssl.SSLError):
+            handshake(port, version=V.TLSv1_1, ciphers="DEFAULT:@SECLEVEL=0")
+        with pytest.raises(ssl.SSLError):
+            handshake(port, version=V.TLSv1_2, ciphers="ECDHE-ECDSA-AES128-SHA:@SECLEVEL=0")
+    # Control: the same clients succeed against a permissive server, so the refusals above are the server's.
+    loose = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    loose.set_ciphers("DEFAULT:@SECLEVEL=0")
+    with pytest.warns(DeprecationWarning):
+        loose.minimum_version = V.TLSv1_1
+    loose.load_cert_chain(paths.leaf_cert, paths.leaf_key)
+    with tls_server(loose) as port:
+        assert handshake(port, version=V.TLSv1_1, ciphers="DEFAULT:@SECLEVEL=0")[1] == "TLSv1.1"
+        assert handshake(port, version=V.TLSv1_2, ciphers="ECDHE-ECDSA-AES128-SHA:@SECLEVEL=0")[2] == "ECDHE-ECDSA-AES128-SHA"
+
+
+def test_context_settings_and_missing_files(cert_dir: Path) -> None:
+    paths = tls.ensure_certificates(cert_dir, ())
+    ctx = tls.server_ssl_context(paths.leaf_cert, paths.leaf_key)
+    assert ctx.minimum_version == V.TLSv1_2
+    assert ctx.options & ssl.OP_NO_COMPRESSION and ctx.options & ssl.OP_NO_RENEGOTIATION
+    tls12 = {c["name"] for c in ctx.get_ciphers() if c["protocol"] == "TLSv1.2"}
+    assert tls12 and tls12 <= set(tls.TLS12_CIPHERS.split(":"))
+    assert all(("GCM" in n or "CHACHA20" in n) and n.startswith("ECDHE-") for n in tls12)
+    with pytest.raises(tls.TLSSetupError, match="cannot read"):
+        tls.server_ssl_context(cert_dir / "nope.pem", cert_dir / "nope.key")
+
+
+# ---------------------------------------------------------------- hot reload
+
+
+def test_reload_serves_new_leaf_to_new_connections(cert_dir: Path, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="gateway.tls")
+    paths = tls.ensure_certificates(cert_dir, EXTRA)
+    server_tls = tls.ReloadingServerTLS(paths.leaf_cert, paths.leaf_key, cert_dir=cert_dir, hostnames=EXTRA)
+    assert server_tls.ca_file == paths.ca_cert
+    with tls_server(server_tls.context) as port:
+        old = pem_sha256(paths.leaf_cert)
+        assert sha256(handshake(port, cafile=paths.ca_cert)[0]) == old
+        assert server_tls.reload_if_changed() is False  # nothing changed
+
+        tls.renew_leaf(cert_dir, EXTRA)
+        new = pem_sha256(paths.leaf_cert)
+        assert new != old
+        assert server_tls.reload_if_changed() is True
+        assert server_tls.fingerprint == tls.fingerprint(paths.leaf_cert)
+        # With SNI (a name) and without (an IP literal: clients send no SNI), same server, no restart.
+        for name in ("localhost", "127.0.0.1", None):
+            der, _, _ = handshake(port, cafile=paths.ca_cert if name else None, server_hostname=name)
+            assert sha256(der) == new
+    fps = [r.getMessage() for r in caplog.records if "sha256=" in r.getMessage()]
+    assert any(server_tls.fingerprint in m for m in fps)
+    assert "PRIVATE KEY" not in caplog.text
+
+
+def test_mismatched_pair_keeps_the_old_certificate_serving(cert_dir: Path, tmp_path: Path) -> None:
+    """Why contexts are swapped instead of reloaded in place: a half-replaced pair must not break serving."""
+    paths = tls.ensure_certificates(cert_dir, ())
+    server_tls = tls.ReloadingServerTLS(paths.leaf_cert, paths.leaf_key)
+    other = tls.ensure_certificates(tmp_path / "other", ())
+    old = pem_sha256(paths.leaf_cert)
+    with tls_server(server_tls.context) as port:
+        shutil.copy(other.leaf_cert, paths.leaf_cert)  # cert replaced, key not (yet)
+        assert server_tls.reload_if_changed() is False
+        assert sha256(handshake(port)[0]) == old
+        shutil.copy(other.leaf_key, paths.leaf_key)  # now the pair matches
+        assert server_tls.reload_if_changed() is True
+        assert sha256(handshake(port)[0]) == pem_sha256(other.leaf_cert)
+
+
+def test_self_signed_mode_renews_an_expiring_leaf_periodically(cert_dir: Path) -> None:
+    paths = tls.ensure_certificates(cert_dir, ())
+    server_tls = tls.ReloadingServerTLS(paths.leaf_cert, paths.leaf_key, cert_dir=cert_dir, renew_check_interval=0)
+    # Someone (or time) leaves a leaf with 10 days left on disk.
+    tls.renew_leaf(cert_dir, (), now=now() - dt.timedelta(days=80))
+    assert server_tls.reload_if_changed() is True
+    with tls_server(server_tls.context) as port:
+        served = x509.load_der_x509_certificate(handshake(port, cafile=paths.ca_cert)[0])
+    assert served.not_valid_after_utc - now() > dt.timedelta(days=80)
+
+
+def test_from_settings_self_signed(tmp_path: Path) -> None:
+    server = ServerSettings(cert_dir="c", hostnames=("a.example.lan",), cert_renew_days=20)
+    settings = Settings(server=server, base_dir=str(tmp_path))
+    server_tls = tls.ReloadingServerTLS.from_settings(settings)
+    assert server_tls.cert_file == tmp_path / "c" / tls.LEAF_CERT
+    assert server_tls.renew_days == 20
+    assert "a.example.lan" in tls.describe(tmp_path / "c")["leaf"]["sans"]
+    with pytest.raises(ValueError):
+        tls.ReloadingServerTLS.from_settings(Settings(server=ServerSettings(tls="off")))
+
+
+def test_uvicorn_hot_reload_through_watch(cert_dir: Path) -> None:
+    """The gateway's wiring: config.load(); config.ssl = tls.context; watch() as a background task."""
+    paths = tls.ensure_certificates(cert_dir, ())
+    server_tls = tls.ReloadingServerTLS(paths.leaf_cert, paths.leaf_key, cert_dir=cert_dir)
+
+    async def app(scope, receive, send):  # type: ignore[no-untyped-def]
+        if scope["type"] == "lifespan":
+            task = None
+            while True:
+                message = await receive()
+                if message["type"] == "lifespan.startup":
+                    task = asyncio.create_task(server_tls.watch(interval=0.05))
+                    await send({"type": "lifespan.startup.complete"})
+                else:
+                    assert task is not None
+                    task.cancel()
+                    await send({"type": "lifespan.shutdown.complete"})
+                    return
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/plain")]})
+        await send({"type": "http.response.body", "body": scope["scheme"].encode()})
+
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    config = uvicorn.Config(app, log_config=None, lifespan="on", access_log=False)
+    config.load()
+    config.ssl = server_tls.context
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+
+    def served_leaf() -> str:
+        ctx = ssl.create_default_context(cafile=str(paths.ca_cert))
+        with httpx.Client(verify=ctx, trust_env=False) as client:  # a new client: a new connection
+            with client.stream("GET", f"https://127.0.0.1:{port}/") as response:
+                ssl_object = response.extensions["network_stream"].get_extra_info("ssl_object")
+                der = ssl_object.getpeercert(True)
+                response.read()
+                assert response.text == "https"
+        return sha256(der)
+
+    try:
+        deadline = time.monotonic() + 5
+        while not server.started:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        old = served_leaf()
+        assert old == pem_sha256(paths.leaf_cert)
+        tls.renew_leaf(cert_dir, ())
+        new = pem_sha256(paths.leaf_cert)
+        deadline = time.monotonic() + 3
+        while (seen := served_leaf()) == old and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert seen == new
+        assert thread.is_alive()  # same server, never restarted
+    finally:
+        server.should_exit = True
+        thread.join(5)
+        sock.close()
+
+
+def test_bad_configured_names_are_reported() -> None:
+    assert tls.hostname_problems(["pvs.example.lan", "*.example.lan", "192.0.2.1", "[::1]", "ünï.example"]) == []
+    problems = tls.hostname_problems(["bad name", "a..b"])
+    assert len(problems) == 2 and all(p.startswith("server.hostnames:") for p in problems)
