@@ -157,7 +157,7 @@ class Simulator:
         if self.fragility.rebooting or fault.mode == "down":
             self.stats.dropped += 1
             return False
-        if False:
+        if fault.mode == "hang":
             await self._hang(reader)
             return False
         if not self.fragility.try_acquire():
