@@ -23,6 +23,7 @@ from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
+from starlette.types import Scope
 
 from gateway import local, routes
 from gateway.auth import Principal
@@ -139,11 +140,20 @@ def create_app(settings: Settings, *, transport: httpx.AsyncBaseTransport | None
     async def gate_hit(ip: str) -> bool:
         return await limiter.auth_failure(ip)
 
-    authenticator = Authenticator(api_key=api_key if "api_key" in settings.auth.methods else None, session=session)
+    oidc = _oidc(settings, signer_secret=signer.secret_for("oidc-session")) if "oidc" in settings.auth.methods else None
+    authenticator = Authenticator(
+        api_key=api_key if "api_key" in settings.auth.methods else None,
+        session=session,
+        bearer_jwt=oidc.verifier.verify_bearer if oidc else None,
+        browser_session=oidc.principal_from_scope if oidc else None,
+    )
+    if oidc is not None:
+        route_list += oidc.login.routes
     middleware = [
         Middleware(AccessLogMiddleware, style=settings.server.access_log, per_identity=parts.per_identity),
         Middleware(ForwardedMiddleware, trusted=parse_networks(settings.server.trusted_proxies)),
         Middleware(GuardMiddleware, settings=settings.server),
+        *(oidc.login.middleware if oidc else ()),
         Middleware(
             AuthMiddleware,
             authenticator=authenticator,
@@ -152,6 +162,7 @@ def create_app(settings: Settings, *, transport: httpx.AsyncBaseTransport | None
             admin_paths=ADMIN_PATHS if settings.auth.metrics_role == "admin" else ADMIN_PATHS - {"/metrics"},
             anonymous_paths=frozenset({"/metrics"}) if settings.auth.metrics_role == "anonymous" else frozenset(),
             unauthenticated_limit=limiter.check_ip,
+            login_redirect=oidc.redirect_browser if oidc else None,
         ),
         Middleware(RateLimitMiddleware, limiter=limiter),
     ]
@@ -171,6 +182,8 @@ def create_app(settings: Settings, *, transport: httpx.AsyncBaseTransport | None
             keys.flush_usage(force=True)
             await cache.aclose()
             await upstream.aclose()
+            if oidc is not None:
+                await oidc.client.aclose()
 
     app = Starlette(
         routes=route_list,
@@ -180,6 +193,43 @@ def create_app(settings: Settings, *, transport: httpx.AsyncBaseTransport | None
     )
     app.state.gateway = parts
     return app
+
+
+@dataclass
+class _OIDC:
+    client: httpx.AsyncClient
+    verifier: Any
+    login: Any
+
+    def principal_from_scope(self, scope: Scope) -> Principal | None:
+        from gateway.auth.oidc_login import principal_from_session
+
+        return principal_from_session(scope.get("session"))
+
+    def redirect_browser(self, scope: Scope) -> Response | None:
+        """Browsers asking for a page go to the login; API clients get 401 JSON."""
+        from gateway.auth.oidc_login import login_redirect, wants_html
+
+        request = Request(scope)
+        return login_redirect(request) if wants_html(request) else None
+
+
+def _oidc(settings: Settings, *, signer_secret: str) -> _OIDC:
+    from gateway.auth.oidc import OIDCVerifier
+    from gateway.auth.oidc_login import oidc_routes
+
+    client = httpx.AsyncClient(timeout=settings.auth.oidc.timeout, follow_redirects=False)
+    verifier = OIDCVerifier(settings.auth.oidc, client=client)
+    # Session cookies are Secure unless the gateway is plain HTTP with no TLS proxy in front.
+    https_only = settings.server.tls != "off" or bool(settings.server.trusted_proxies)
+    login = oidc_routes(
+        settings.auth,
+        verifier,
+        secret_key=signer_secret,
+        https_only=https_only,
+        cookie_path=settings.server.root_path or "/",
+    )
+    return _OIDC(client, verifier, login)
 
 
 async def _http_problem(request: Request, exc: Exception) -> Response:

@@ -8,9 +8,9 @@ Order of checks for a request:
    with the key as password), X-API-Key, the gateway's ``session`` cookie
    (from /auth?login), the OIDC browser session, a trusted front proxy's user
    header. Presented-but-wrong credentials count as a failure for the IP.
-4. No credentials: a viewer if the IP is in ``allow_anonymous_from``; else a
-   browser asking for a page is sent to the OIDC login, anything else gets
-   401 with ``WWW-Authenticate``.
+4. No credentials: a viewer if the IP is in ``allow_anonymous_from``; else
+   limited per IP, then a browser asking for a page is sent to the OIDC
+   login, anything else gets 401 with ``WWW-Authenticate`` (never a redirect).
 5. The route's role: admin views need an admin (403 otherwise).
 """
 
@@ -20,10 +20,10 @@ import base64
 import binascii
 import logging
 import time
-import urllib.parse
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from starlette.responses import Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from gateway.auth import Principal
@@ -167,7 +167,7 @@ class AuthMiddleware:
         anonymous_from: tuple[Network, ...],
         admin_paths: frozenset[str],
         anonymous_paths: frozenset[str] = frozenset(),
-        login_redirect: bool = False,
+        login_redirect: Callable[[Scope], Response | None] | None = None,
         unauthenticated_limit: Callable[[Scope], Awaitable[Any]] | None = None,
     ) -> None:
         self.app = app
@@ -202,18 +202,18 @@ class AuthMiddleware:
             return
         try:
             principal = await self.authenticator.authenticate(scope)
-        except AuthFailed as exc:
-            await self.gate.failed(ip)
+        except GatewayError as exc:
+            # 401: bad credentials (counted per IP); 403: valid but not allowed;
+            # 503: the identity provider is unreachable, which is not the caller's fault.
             state["gateway.detail"] = exc.detail
-            if path in SELF_CHECKED:
-                state["auth_error"] = exc
-                await self.app(scope, receive, send)
-                return
-            exc.headers = self._challenge
-            await send_problem(send, exc, head=head)
-            return
-        except Forbidden as exc:
-            state["gateway.detail"] = exc.detail
+            if exc.status == 401:
+                await self.gate.failed(ip)
+                if path in SELF_CHECKED:
+                    state["auth_error"] = exc
+                    await self.app(scope, receive, send)
+                    return
+                if not exc.headers:
+                    exc.headers = list(self._challenge)
             await send_problem(send, exc, head=head)
             return
         if principal is None and self.anonymous_from and in_networks(ip, self.anonymous_from):
@@ -227,9 +227,11 @@ class AuthMiddleware:
                 if verdict is not None and not verdict.allowed:
                     await send_problem(send, verdict.problem(), head=head)
                     return
-            if self.login_redirect and _wants_page(scope, path):
-                await _redirect_to_login(scope, send)
-                return
+            if self.login_redirect is not None:
+                response = self.login_redirect(scope)
+                if response is not None:
+                    await response(scope, receive, send)
+                    return
             await send_problem(send, AuthFailed("credentials required: an API key or a login", headers=self._challenge), head=head)
             return
         state["principal"] = principal
@@ -255,26 +257,3 @@ def _route_path(scope: Scope) -> str:
     if root and path.startswith(root):
         path = path[len(root) :] or "/"
     return path
-
-
-def _wants_page(scope: Scope, path: str) -> bool:
-    if path != "/" and not path.startswith("/ui"):
-        return False
-    for name, value in scope["headers"]:
-        if name == b"accept":
-            return b"text/html" in value
-    return False
-
-
-async def _redirect_to_login(scope: Scope, send: Send) -> None:
-    root = scope.get("root_path", "")
-    target = _route_path(scope)
-    location = f"{root}/auth/login?next={urllib.parse.quote(target, safe='/')}"
-    await send(
-        {
-            "type": "http.response.start",
-            "status": 302,
-            "headers": [(b"location", location.encode()), (b"content-length", b"0"), (b"cache-control", b"no-store")],
-        }
-    )
-    await send({"type": "http.response.body", "body": b""})

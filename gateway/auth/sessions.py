@@ -61,6 +61,10 @@ class SessionSigner:
     def __repr__(self) -> str:
         return "SessionSigner(<secret>)"
 
+    def secret_for(self, purpose: str) -> str:
+        """A separate key for another use (e.g. the OIDC cookie), derived so one secret file serves both."""
+        return hmac.new(self._secret, b"pvs-gateway derive\x00" + purpose.encode(), hashlib.sha256).hexdigest()
+
     def _sign(self, payload_b64: str) -> str:
         mac = hmac.new(self._secret, _CONTEXT + payload_b64.encode("ascii"), hashlib.sha256)
         return _b64(mac.digest())
