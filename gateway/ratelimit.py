@@ -64,7 +64,10 @@ class Verdict:
 
 class RateLimiter:
     def __init__(self, settings: RateLimitSettings) -> None:
-        storage = storage_from_string(_async_uri(settings.storage))
+        uri = _async_uri(settings.storage)
+        # limits defaults to coredis for async Redis; redis-py (the [redis] extra) is the better-kept client.
+        options = {"implementation": "redispy"} if "redis" in uri else {}
+        storage = storage_from_string(uri, **options)
         self._window = SlidingWindowCounterRateLimiter(storage)  # cheap: two counters per key
         self._moving = MovingWindowRateLimiter(storage)  # exact, for the rare failed logins
         self.per_caller = _item(settings.per_caller)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import importlib.util
 import ipaddress
 import os
 import tomllib
@@ -533,6 +534,11 @@ def validate(s: Settings) -> list[str]:
             problems.append(f"ratelimit.roles.{role}: {problem}")
     if not s.ratelimit.storage.startswith(("memory://", "redis://", "rediss://", "async+redis://")):
         problems.append("ratelimit.storage: must be memory:// or a redis:// URI")
+    elif "redis" in s.ratelimit.storage and importlib.util.find_spec("redis") is None:
+        problems.append("ratelimit.storage: Redis needs the redis client: pip install 'pvs-gateway[redis]'")
+    secret = s.auth.session_secret.get()
+    if secret and len(secret.encode()) < 16:
+        problems.append("auth.session_secret: must be at least 16 bytes (or leave it empty to generate one)")
     for key, ttl in s.cache.ttl.items():
         if isinstance(ttl, (int, float)) and ttl < 0:
             problems.append(f"cache.ttl.{key}: must be >= 0")
