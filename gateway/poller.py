@@ -68,7 +68,9 @@ class Poller:
         interval = self._settings.upstream.keepalive_interval
         while True:
             idle = time.monotonic() - self._upstream.last_request_mono
-            if idle >= interval:
+            if self._upstream.budget.in_flight:
+                idle = 0.0
+            elif idle >= interval:
                 target = KEEPALIVE.get(self._upstream.firmware or "legacy", KEEPALIVE["legacy"])
                 try:
                     await self._upstream.fetch(target)

@@ -147,6 +147,9 @@ class UpstreamClient:
             raise
         except httpx.HTTPError as exc:
             raise map_transport_error(exc, self._settings.url) from None
+        finally:
+            # Silence (for the keep-alive) counts from the end of the last exchange.
+            self.last_request_mono = time.monotonic()
 
     def _interpret(self, answer: _Answer, target: str) -> Fetched:
         status = answer.status_code

@@ -11,6 +11,7 @@ import json
 import os
 import re
 import signal
+import ssl
 import subprocess
 import sys
 import time
@@ -153,8 +154,8 @@ class Gateway:
     keys: dict[str, str] = field(default_factory=dict)  # name -> secret
 
     @property
-    def verify(self) -> str | bool:
-        return str(self.ca) if self.ca else False
+    def verify(self) -> ssl.SSLContext | bool:
+        return ssl.create_default_context(cafile=str(self.ca)) if self.ca else False
 
     def client(self, key: str | None = "admin", **kw: Any) -> httpx.Client:
         headers = dict(kw.pop("headers", {}))

@@ -216,3 +216,35 @@ def test_cache_memory_is_bounded(fresh_simulator: Simulator, make_gateway) -> No
         stats = c.get("/stats").json()
     assert stats["cache"]["entries"] == 3
     assert stats["cache"]["evicted"] == 2
+
+
+def test_idle_keepalive_wakes_the_pvs_only_when_nobody_polls(make_simulator, make_gateway) -> None:
+    quiet_sim = make_simulator("--latency-scale", "0.05", "--clock", "12:00")
+    make_gateway(quiet_sim.url, {"upstream": {"keepalive_interval": 1.0}})
+    busy_sim = make_simulator("--latency-scale", "0.05", "--clock", "12:00")
+    make_gateway(busy_sim.url, {"upstream": {"keepalive_interval": 1.0, "poll": ["DeviceList"]}, "cache": {"ttl": {"DeviceList": 0.4}}})
+    quiet_sim.reset()
+    busy_sim.reset()
+    time.sleep(3.5)
+    quiet = quiet_sim.stats()["by_request"]
+    assert 2 <= quiet.get("dl_cgi/supervisor/info", 0) <= 4, quiet
+    busy = busy_sim.stats()["by_request"]
+    assert busy.get("DeviceList", 0) >= 3, busy
+    assert busy.get("dl_cgi/supervisor/info", 0) == 0, "a PVS that is being polled needs no keep-alive"
+
+
+def test_a_pvs_reboot_is_noticed_and_reported(fresh_simulator: Simulator, make_gateway) -> None:
+    gw = make_gateway(fresh_simulator.url, {"cache": {"ttl": {"DeviceList": 0.5}, "stale_while_revalidate": 0}})
+    with gw.client() as c:
+        assert c.get(DEVICE_LIST).status_code == 200
+        time.sleep(1.5)  # let the simulated uptime grow past a second
+        fresh_simulator.fault("reboot", 0.5)
+        deadline = time.monotonic() + 10
+        while True:
+            time.sleep(0.6)
+            c.get(DEVICE_LIST)
+            if c.get("/stats").json()["upstream"]["reboots_noticed"] == 1:
+                break
+            assert time.monotonic() < deadline, c.get("/stats").json()
+        ready = c.get("/readyz").json()
+        assert ready["upstream"]["last_success"] is not None
