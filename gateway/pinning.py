@@ -15,8 +15,6 @@ import datetime as dt
 import hashlib
 import json
 import logging
-import os
-import secrets
 import socket
 import ssl
 import urllib.parse
@@ -28,6 +26,7 @@ import httpcore
 import httpx
 from cryptography import x509
 
+from gateway.files import write_atomic
 from gateway.errors import UpstreamTLSError
 
 log = logging.getLogger("gateway.pinning")
@@ -94,23 +93,7 @@ def write_pin(pin_file: Path, der: bytes, url: str) -> dict[str, Any]:
         "subject": _subject(der),
         "url": url,
     }
-    if not pin_file.parent.exists():
-        pin_file.parent.mkdir(mode=0o700, parents=True)
-    tmp = pin_file.with_name(f".{pin_file.name}.{secrets.token_hex(6)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            json.dump(data, fh, indent=2)
-            fh.write("\n")
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, pin_file)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
+    write_atomic(pin_file, (json.dumps(data, indent=2) + "\n").encode("utf-8"))
     return data
 
 

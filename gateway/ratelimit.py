@@ -21,6 +21,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from gateway.auth import Principal
 from gateway.errors import GatewayError
 from gateway.responses import send_problem
+from gateway.scopes import route_path
 from gateway.settings import RateLimitSettings
 
 QUOTA_EXCEEDED = "https://iana.org/assignments/http-problem-types#quota-exceeded"
@@ -129,7 +130,7 @@ class RateLimitMiddleware:
         self.limiter = limiter
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or _route_path(scope) in NEVER_LIMITED:
+        if scope["type"] != "http" or route_path(scope) in NEVER_LIMITED:
             await self.app(scope, receive, send)
             return
         principal: Principal | None = scope.get("state", {}).get("principal")
@@ -155,11 +156,3 @@ class RateLimitMiddleware:
             await send(message)
 
         await self.app(scope, receive, send_with_headers)
-
-
-def _route_path(scope: Scope) -> str:
-    path: str = scope["path"]
-    root = scope.get("root_path", "")
-    if root and path.startswith(root):
-        path = path[len(root) :] or "/"
-    return path

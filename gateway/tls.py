@@ -16,7 +16,6 @@ import asyncio
 import datetime as dt
 import ipaddress
 import logging
-import os
 import re
 import secrets
 import socket
@@ -34,6 +33,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from gateway.files import write_atomic
 from gateway.settings import ServerSettings, Settings
 
 log = logging.getLogger("gateway.tls")
@@ -188,25 +188,7 @@ def _cert_sans(cert: x509.Certificate) -> SanSet:
 
 
 def _write_atomic(path: Path, data: bytes, mode: int) -> None:
-    """Write via a temp file in the same directory and rename, so readers never see half a file.
-
-    The temp file is created with ``mode`` by ``os.open`` (O_EXCL), so a private
-    key is never readable by others, not even for a moment.
-    """
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
+    write_atomic(path, data, mode=mode)
 
 
 def _write_key(path: Path, key: ec.EllipticCurvePrivateKey) -> None:

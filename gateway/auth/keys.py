@@ -36,7 +36,6 @@ import os
 import re
 import secrets
 import stat
-import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -46,6 +45,7 @@ from pathlib import Path
 from typing import Any
 
 from gateway.auth import ROLES, Principal
+from gateway.files import write_atomic
 
 __all__ = [
     "KEY_PREFIX",
@@ -260,31 +260,7 @@ def _read_records(path: Path) -> list[KeyRecord]:
 
 
 def _atomic_write(path: Path, content: bytes) -> None:
-    """Write ``content`` to ``path`` so readers see the old or the new file, never half.
-
-    The temporary file lives in the same directory (os.replace must not cross
-    filesystems) and is 0600 from creation, so no secret-adjacent data is ever
-    world-readable, not even for a moment.
-    """
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.fchmod(fd, 0o600)
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(content)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    # Make the rename itself durable across a power cut (a Pi's usual way to stop).
-    with contextlib.suppress(OSError):
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+    write_atomic(path, content)
 
 
 def _write_records(path: Path, records: list[KeyRecord]) -> None:

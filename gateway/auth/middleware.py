@@ -30,6 +30,7 @@ from gateway.auth import Principal
 from gateway.errors import GatewayError
 from gateway.middleware.forwarded import Network, in_networks
 from gateway.responses import send_problem
+from gateway.scopes import route_path
 
 log = logging.getLogger("gateway.auth")
 
@@ -188,7 +189,7 @@ class AuthMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        path = _route_path(scope)
+        path = route_path(scope)
         if path in OPEN_PATHS or path in self.anonymous_paths:
             await self.app(scope, receive, send)
             return
@@ -249,11 +250,3 @@ def _blocked(wait: float) -> GatewayError:
         headers=[("Retry-After", str(max(1, round(wait))))],
         extra={"violated-policies": ["auth_failures"]},
     )
-
-
-def _route_path(scope: Scope) -> str:
-    path: str = scope["path"]
-    root = scope.get("root_path", "")
-    if root and path.startswith(root):
-        path = path[len(root) :] or "/"
-    return path

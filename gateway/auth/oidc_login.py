@@ -72,7 +72,6 @@ import warnings
 from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
-import authlib.deprecate  # first, so its "always" warning filter exists before ours below
 import httpx
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import base64
 import contextlib
-import errno
 import hashlib
 import hmac
 import json
@@ -24,9 +23,10 @@ import math
 import os
 import re
 import secrets
-import tempfile
 import time
 from pathlib import Path
+
+from gateway.files import write_atomic
 
 __all__ = ["SECRET_BYTES", "SessionSigner", "load_or_create_secret"]
 
@@ -142,27 +142,4 @@ def _tighten(path: Path) -> None:
 
 def _publish(path: Path, secret: bytes, *, replace_existing: bool) -> bool:
     """Write ``secret`` to ``path`` atomically; False if another process created it first."""
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.fchmod(fd, 0o600)
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(secret)
-            fh.flush()
-            os.fsync(fh.fileno())
-        if replace_existing:
-            os.replace(tmp, path)
-            return True
-        try:
-            os.link(tmp, path)
-        except FileExistsError:
-            return False
-        except OSError as exc:
-            # Filesystems without hard links (FAT on a USB stick): last writer wins.
-            if exc.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV, errno.EMLINK):
-                raise
-            os.replace(tmp, path)
-        return True
-    finally:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
+    return write_atomic(path, secret, replace=replace_existing)
