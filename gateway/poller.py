@@ -36,6 +36,10 @@ def poll_resource(spec: str) -> Resource:
     return resource
 
 
+# /readyz is unauthenticated: it may make the gateway probe the PVS, but at most this often.
+PROBE_FLOOR = 10.0
+
+
 class Poller:
     def __init__(self, settings: Settings, *, proxy: Proxy, cache: ResponseCache, upstream: UpstreamClient) -> None:
         self._settings = settings
@@ -43,6 +47,23 @@ class Poller:
         self._cache = cache
         self._upstream = upstream
         self._resources = [poll_resource(spec) for spec in settings.upstream.poll]
+        self._probe: asyncio.Task[object] | None = None
+        self._last_probe = -PROBE_FLOOR
+
+    async def probe(self, wait: float = 2.0) -> None:
+        """One cheap upstream read (within the budget) so readiness reflects the PVS now.
+
+        Coalesced and floored, so polling /readyz cannot turn into load on the PVS.
+        """
+        if self._probe is None or self._probe.done():
+            now = time.monotonic()
+            if now - self._last_probe < PROBE_FLOOR:
+                return
+            self._last_probe = now
+            target = KEEPALIVE.get(self._upstream.firmware or "legacy", KEEPALIVE["legacy"])
+            self._probe = asyncio.create_task(self._upstream.fetch(target))
+            self._probe.add_done_callback(lambda t: t.cancelled() or t.exception())
+        await asyncio.wait({self._probe}, timeout=wait)
 
     async def run(self) -> None:
         jobs = [self._poll(r) for r in self._resources]

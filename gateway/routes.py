@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from starlette.requests import Request
@@ -22,11 +22,21 @@ async def healthz(request: Request) -> Response:
     return JSONResponse({"status": "ok"}, headers=NO_STORE)
 
 
-def readyz(cache: ResponseCache, health: UpstreamHealth, max_stale: float) -> Callable[[Request], Any]:
-    """Ready when the PVS answered recently or the cache still holds usable data."""
+def readyz(
+    health: UpstreamHealth, max_stale: float, probe: Callable[[], Awaitable[None]]
+) -> Callable[[Request], Any]:
+    """Ready while the PVS answered within ``max_stale`` (so cached data is still servable).
+
+    When nothing that recent is known and the gateway is not backing off, one
+    cheap probe is made first, so an idle gateway without polling still
+    becomes ready.
+    """
 
     async def endpoint(request: Request) -> Response:
         since = health.since_success()
+        if (since is None or since > max_stale) and health.backoff_remaining() == 0:
+            await probe()
+            since = health.since_success()
         upstream_ok = since is not None and since <= max_stale
         body = {
             "ready": upstream_ok,
