@@ -132,7 +132,7 @@ def create_app(settings: Settings, *, transport: httpx.AsyncBaseTransport | None
         Route("/vars", proxy),
         Route("/auth", proxy),
         Route("/healthz", routes.healthz),
-        Route("/readyz", routes.readyz(cache, health, settings.cache.max_stale)),
+        Route("/readyz", routes.readyz(health, settings.cache.max_stale, poller.probe)),
         Route("/stats", routes.stats(cache, upstream, parts.per_identity, time.monotonic())),
         Route("/auth/verify", routes.verify),
     ]
