@@ -55,6 +55,8 @@ def test_non_get_methods_get_405_on_every_path_and_reach_nothing(fresh_simulator
                     assert r.status_code == 405, (method, path, r.status_code)
                     assert r.headers["allow"] == "GET, HEAD"
                     assert r.headers["content-type"] == "application/problem+json"
+        hint = c.post("/vars", content=b"name=/sys/info/sw_rev").json()["detail"]
+        assert "GET /vars?name=" in hint
     assert fresh_simulator.stats()["total"] == 0
 
 

@@ -63,11 +63,11 @@ class GuardMiddleware:
 
     def _check(self, scope: Scope) -> RequestRejected | None:
         if scope["method"] not in ALLOWED_METHODS:
-            return RequestRejected(
-                f"{scope['method'][:16]} is not allowed: this gateway is read-only (GET and HEAD)",
-                status=405,
-                headers=[("Allow", "GET, HEAD")],
-            )
+            detail = f"{scope['method'][:16]} is not allowed: this gateway is read-only (GET and HEAD)"
+            if scope["path"].endswith("/vars"):
+                # pypvs-based clients read with POST /vars; the same reads work as GET.
+                detail += "; read variables with GET /vars?name=<var>[,<var>...] or GET /vars?match=<prefix>"
+            return RequestRejected(detail, status=405, headers=[("Allow", "GET, HEAD")])
         raw_path = scope.get("raw_path") or scope["path"].encode()
         if len(raw_path) + len(scope.get("query_string", b"")) > self.max_url:
             return RequestRejected(f"URL longer than {self.max_url} bytes", status=414)
