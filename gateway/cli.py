@@ -8,7 +8,6 @@ problems, never a traceback).
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import logging
 import os
@@ -24,6 +23,12 @@ EXIT_OK, EXIT_FAILURE, EXIT_CONFIG = 0, 1, 2
 
 
 def _setup_logging(level: str = "info") -> None:
+    # One access line per request: skip what our format never shows (caller frame,
+    # thread, process), the logging HOWTO's own optimisations for hot paths.
+    logging._srcfile = None
+    logging.logThreads = False
+    logging.logProcesses = False
+    logging.logMultiprocessing = False
     logging.basicConfig(
         level=getattr(logging, level.upper(), logging.INFO),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -58,10 +63,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if settings is None:
         return EXIT_CONFIG
     _setup_logging(settings.server.log_level)
-    from gateway.server import serve
+    from gateway.server import run_async, serve
 
     try:
-        asyncio.run(serve(settings))
+        run_async(serve(settings))
     except KeyboardInterrupt:
         pass
     except OSError as exc:

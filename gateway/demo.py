@@ -7,7 +7,6 @@ a second run reuses the CA you may already trust. Ctrl-C stops both.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 import subprocess
@@ -77,10 +76,10 @@ def run_demo(*, port: int, state_dir: Path, clock: str) -> int:
                 flush=True,
             )
 
-        from gateway.server import serve
+        from gateway.server import run_async, serve
 
         with contextlib.suppress(KeyboardInterrupt):
-            asyncio.run(serve(settings, on_ready=announce))
+            run_async(serve(settings, on_ready=announce))
         return 0
     finally:
         sim.terminate()
