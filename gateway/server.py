@@ -5,7 +5,8 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
+from typing import Any
 
 import uvicorn
 from starlette.types import Receive, Scope, Send
@@ -14,6 +15,17 @@ from gateway.app import components, create_app
 from gateway.settings import Settings
 
 log = logging.getLogger("gateway")
+
+
+def run_async(main: Coroutine[Any, Any, None]) -> None:
+    """Run on uvloop when it is installed (uvicorn's ``loop`` setting applies only to uvicorn.run)."""
+    try:
+        import uvloop
+    except ImportError:
+        asyncio.run(main)
+        return
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        runner.run(main)
 
 
 def _is_loopback(host: str) -> bool:
