@@ -6,17 +6,30 @@ walking ``X-Forwarded-For`` (or ``Forwarded: for=``) from the right and
 skipping trusted hops: the leftmost entries are whatever the client wrote.
 The result lands in ``scope["client"]``, ``scope["scheme"]``, the Host header
 and ``scope["root_path"]``, so everything downstream (limits, logs,
-anonymous CIDRs, OIDC redirect URLs) reads one answer.
+anonymous CIDRs, OIDC redirect URLs) reads one answer. When the direct peer
+is trusted, ``scope["state"]["gateway.peer_trusted"]`` is True: the only
+record of the real peer once ``scope["client"]`` is rewritten (the front
+proxy's identity header is believed on that alone).
+
+Mount prefix, Starlette's convention: ``scope["path"]`` (and ``raw_path``)
+is the full path *including* ``scope["root_path"]``. The prefix is the
+trusted proxy's ``X-Forwarded-Prefix`` (what it stripped), else the configured
+``server.root_path``; a request that arrives without the prefix (the proxy
+stripped it) gets it prepended, one that arrives with it (the proxy passed
+the path through) is left as it is, so both proxy styles work.
 """
 
 from __future__ import annotations
 
 import ipaddress
+import re
 from collections.abc import Iterable
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+# A path prefix as it may appear in links and Location headers: segments of unreserved/sub-delim characters.
+_SAFE_PREFIX = re.compile(r"(/[A-Za-z0-9._~!$&'()*+,;=:@%-]+)+")
 
 
 def parse_networks(values: Iterable[str]) -> tuple[Network, ...]:
@@ -57,18 +70,23 @@ def _clean_ip(value: str) -> str:
 
 
 class ForwardedMiddleware:
-    def __init__(self, app: ASGIApp, trusted: tuple[Network, ...]) -> None:
+    def __init__(self, app: ASGIApp, trusted: tuple[Network, ...], root_path: str = "") -> None:
         self.app = app
         self.trusted = trusted
+        self.root_path = root_path.rstrip("/")
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if self.trusted and scope["type"] == "http" and scope.get("client"):
-            peer = scope["client"][0]
-            if in_networks(peer, self.trusted):
-                self._apply(scope)
+        if scope["type"] == "http":
+            prefix = self.root_path
+            if self.trusted and scope.get("client") and in_networks(scope["client"][0], self.trusted):
+                scope.setdefault("state", {})["gateway.peer_trusted"] = True
+                prefix = self._apply(scope) or prefix
+            if prefix:
+                _mount(scope, prefix)
         await self.app(scope, receive, send)
 
-    def _apply(self, scope: Scope) -> None:
+    def _apply(self, scope: Scope) -> str | None:
+        """Believe the trusted peer's forwarded headers; return its X-Forwarded-Prefix, if any."""
         headers: dict[bytes, str] = {}
         for name, value in scope["headers"]:
             if name in (b"x-forwarded-for", b"forwarded"):
@@ -108,11 +126,26 @@ class ForwardedMiddleware:
         port = headers.get(b"x-forwarded-port")
         if host:
             host = host.split(",")[-1].strip()
-            if port and ":" not in host.rsplit("]", 1)[-1]:
-                host = f"{host}:{port.strip()}"
+            port = port.split(",")[-1].strip() if port else ""
+            default = {"http": "80", "https": "443"}.get(scope.get("scheme", "http"))
+            if port.isdigit() and port != default and ":" not in host.rsplit("]", 1)[-1]:
+                host = f"{host}:{port}"
             scope["headers"] = [(k, v) for k, v in scope["headers"] if k != b"host"] + [(b"host", host.encode("latin-1"))]
         prefix = headers.get(b"x-forwarded-prefix")
         if prefix:
             prefix = "/" + prefix.split(",")[-1].strip().strip("/")
-            if prefix != "/":
-                scope["root_path"] = prefix + scope.get("root_path", "")
+            if prefix != "/" and _SAFE_PREFIX.fullmatch(prefix):
+                return prefix
+        return None
+
+
+def _mount(scope: Scope, prefix: str) -> None:
+    """Set ``root_path`` and make ``path``/``raw_path`` the full path under it."""
+    path: str = scope["path"]
+    scope["root_path"] = prefix
+    if path == prefix or path.startswith(prefix + "/"):
+        return  # the proxy passed the full path through
+    scope["path"] = prefix + path
+    raw = scope.get("raw_path")
+    if raw is not None:
+        scope["raw_path"] = prefix.encode("latin-1") + raw
