@@ -25,8 +25,9 @@ from starlette.responses import Response
 from starlette.routing import Route
 from starlette.types import Scope
 
-from gateway import local, routes
+from gateway import dashboard, local, metrics, routes
 from gateway.auth import Principal
+from gateway.auth.frontproxy import front_proxy_verifier
 from gateway.auth.keys import KeyStore
 from gateway.auth.middleware import AuthMiddleware, Authenticator, FailureGate
 from gateway.auth.sessions import SessionSigner, load_or_create_secret
@@ -88,7 +89,8 @@ def create_app(settings: Settings, *, transport: httpx.AsyncBaseTransport | None
         max_queue=up.max_queue,
         queue_timeout=up.queue_timeout,
     )
-    upstream = UpstreamClient(up, transport=transport or upstream_transport(settings), budget=budget, health=health)
+    timed = metrics.TimedTransport(transport or upstream_transport(settings))  # counts what reaches the PVS
+    upstream = UpstreamClient(up, transport=timed, budget=budget, health=health)
     cache = ResponseCache(settings.cache, is_failing=lambda: health.failing)
     keys = KeyStore(settings.path(settings.auth.keys_file))
     limiter = RateLimiter(settings.ratelimit)
@@ -125,6 +127,7 @@ def create_app(settings: Settings, *, transport: httpx.AsyncBaseTransport | None
         },
     )
     poller = Poller(settings, proxy=proxy, cache=cache, upstream=upstream)
+    observed = dashboard.build(settings, cache=cache, upstream=upstream, proxy=proxy, limiter=limiter, transport=timed)
 
     route_list = [
         Route("/cgi-bin/dl_cgi", proxy),
@@ -133,8 +136,9 @@ def create_app(settings: Settings, *, transport: httpx.AsyncBaseTransport | None
         Route("/auth", proxy),
         Route("/healthz", routes.healthz),
         Route("/readyz", routes.readyz(health, settings.cache.max_stale, poller.probe)),
-        Route("/stats", routes.stats(cache, upstream, parts.per_identity, time.monotonic())),
+        Route("/stats", routes.stats(cache, upstream, parts.per_identity, time.monotonic(), observed.timings)),
         Route("/auth/verify", routes.verify),
+        *observed.routes,
     ]
 
     async def gate_hit(ip: str) -> bool:
@@ -146,12 +150,13 @@ def create_app(settings: Settings, *, transport: httpx.AsyncBaseTransport | None
         session=session,
         bearer_jwt=oidc.verifier.verify_bearer if oidc else None,
         browser_session=oidc.principal_from_scope if oidc else None,
+        front_proxy=front_proxy_verifier(settings),
     )
     if oidc is not None:
         route_list += oidc.login.routes
     middleware = [
-        Middleware(AccessLogMiddleware, style=settings.server.access_log, per_identity=parts.per_identity),
-        Middleware(ForwardedMiddleware, trusted=parse_networks(settings.server.trusted_proxies)),
+        Middleware(AccessLogMiddleware, style=settings.server.access_log, per_identity=parts.per_identity, observe=observed.observe),
+        Middleware(ForwardedMiddleware, trusted=parse_networks(settings.server.trusted_proxies), root_path=settings.server.root_path),
         Middleware(GuardMiddleware, settings=settings.server),
         *(oidc.login.middleware if oidc else ()),
         Middleware(
@@ -160,7 +165,7 @@ def create_app(settings: Settings, *, transport: httpx.AsyncBaseTransport | None
             gate=FailureGate(gate_hit, limiter.auth_blocked_for),
             anonymous_from=parse_networks(settings.auth.allow_anonymous_from),
             admin_paths=ADMIN_PATHS if settings.auth.metrics_role == "admin" else ADMIN_PATHS - {"/metrics"},
-            anonymous_paths=frozenset({"/metrics"}) if settings.auth.metrics_role == "anonymous" else frozenset(),
+            anonymous_paths=observed.public_paths | ({"/metrics"} if settings.auth.metrics_role == "anonymous" else set()),
             unauthenticated_limit=limiter.check_ip,
             login_redirect=oidc.redirect_browser if oidc else None,
         ),
@@ -191,6 +196,9 @@ def create_app(settings: Settings, *, transport: httpx.AsyncBaseTransport | None
         lifespan=lifespan,
         exception_handlers={HTTPException: _http_problem, Exception: _internal_problem},
     )
+    # Starlette answers "/vars/" with a 307 to a Location built from the client's Host header
+    # (an open redirect, found by tests/test_fuzz.py); a read-only API has no use for it: 404.
+    app.router.redirect_slashes = False
     app.state.gateway = parts
     return app
 

@@ -58,6 +58,7 @@ def stats(
     upstream: UpstreamClient,
     per_identity: dict[str, dict[str, int]],
     started: float,
+    timings: Callable[[], dict[str, dict[str, float]]] | None = None,
 ) -> Callable[[Request], Any]:
     async def endpoint(request: Request) -> Response:
         s = cache.stats
@@ -83,6 +84,7 @@ def stats(
                 "errors": health.errors_by_kind,
                 "last_success": _iso(health.last_success),
                 "reboots_noticed": health.reboots_noticed,
+                "timings": timings() if timings is not None else None,
             },
             "identities": per_identity,
         }

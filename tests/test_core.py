@@ -41,7 +41,6 @@ FORBIDDEN_TARGETS = [
     "/vars?tags=x",
     "/vars",
     "/auth?login&x=1",
-    "/",
 ]
 
 
