@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import limits
 from limits.aio.strategies import MovingWindowRateLimiter, SlidingWindowCounterRateLimiter
 from limits.storage import storage_from_string
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from gateway.auth import Principal
 from gateway.errors import GatewayError
@@ -148,11 +148,5 @@ class RateLimitMiddleware:
             scope.setdefault("state", {})["gateway.detail"] = problem.detail
             await send_problem(send, problem, head=scope["method"] == "HEAD")
             return
-        extra = verdict.headers()
-
-        async def send_with_headers(message: Message) -> None:
-            if message["type"] == "http.response.start":
-                message["headers"] = [*message.get("headers", ()), *extra]
-            await send(message)
-
-        await self.app(scope, receive, send_with_headers)
+        scope.setdefault("state", {}).setdefault("gateway.headers", []).extend(verdict.headers())
+        await self.app(scope, receive, send)

@@ -193,7 +193,9 @@ def test_min_interval_spaces_upstream_starts(fresh_simulator: Simulator, make_ga
     times = sorted(r["time"] for r in fresh_simulator.requests())
     assert len(times) == 3
     gaps = [b - a for a, b in zip(times, times[1:])]
-    assert min(gaps) >= 0.45, gaps
+    # Starts are paced 0.5 s apart; arrivals jitter by connection setup, so allow some slack.
+    assert times[-1] - times[0] >= 0.9, gaps
+    assert min(gaps) >= 0.3, gaps
 
 
 def test_background_polling_serves_callers_from_memory(fresh_simulator: Simulator, make_gateway) -> None:

@@ -14,9 +14,11 @@ import secrets
 import time
 from collections.abc import Callable
 
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from gateway.auth import Principal
+from gateway.errors import GatewayError
+from gateway.responses import send_problem
 
 log = logging.getLogger("gateway.access")
 
@@ -44,19 +46,17 @@ class AccessLogMiddleware:
         request_id = secrets.token_hex(6)
         state = scope.setdefault("state", {})
         state["request_id"] = request_id
-        status = 500
-
-        async def send_logged(message: Message) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-                message["headers"] = [*message.get("headers", ()), (b"x-request-id", request_id.encode())]
-            await send(message)
-
+        # The guard's send wrapper (the only one on the hot path) stamps the request id
+        # on the answer and records its status here; no second wrapper is needed.
         try:
-            await self.app(scope, receive, send_logged)
+            await self.app(scope, receive, send)
+        except Exception:
+            log.exception("internal error on %s", scope.get("path", "?"))
+            if "gateway.status" not in state:
+                state["gateway.status"] = 500
+                await send_problem(send, GatewayError("internal error; see the gateway's log", status=500))
         finally:
-            self._record(scope, state, status, time.perf_counter() - start, request_id)
+            self._record(scope, state, state.get("gateway.status", 500), time.perf_counter() - start, request_id)
 
     def _record(self, scope: Scope, state: dict, status: int, duration: float, request_id: str) -> None:
         if self.observe is not None:

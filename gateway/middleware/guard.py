@@ -30,7 +30,10 @@ class GuardMiddleware:
         self.max_url = settings.max_url_length
         self.max_header_count = settings.max_header_count
         self.max_header_bytes = settings.max_header_bytes
-        self.hsts = (b"strict-transport-security", b"max-age=%d" % settings.hsts_max_age) if settings.hsts_max_age else None
+        hsts = [(b"strict-transport-security", b"max-age=%d" % settings.hsts_max_age)] if settings.hsts_max_age else []
+        # Precomputed once: the headers every answer carries, by scheme.
+        self.secure_http = list(_DEFAULT_SECURITY)
+        self.secure_https = [*_DEFAULT_SECURITY, *hsts]
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -40,23 +43,29 @@ class GuardMiddleware:
             await self.app(scope, receive, send)
             return
 
-        extra = list(_DEFAULT_SECURITY)
-        if self.hsts is not None and scope.get("scheme") == "https":
-            extra.append(self.hsts)
+        state = scope.setdefault("state", {})
+        # Inner middlewares (rate limits) add response headers here instead of wrapping send again.
+        extra: list[tuple[bytes, bytes]] = state.setdefault("gateway.headers", [])
+        secure = self.secure_https if scope.get("scheme") == "https" else self.secure_http
+        request_id = state.get("request_id", "").encode()
 
         async def send_secured(message: Message) -> None:
             if message["type"] == "http.response.start":
+                state["gateway.status"] = message["status"]
                 headers = list(message.get("headers", ()))
                 names = {name for name, _ in headers}
-                headers.extend(h for h in extra if h[0] not in names)
                 if b"content-security-policy" not in names:
                     headers.append(_DEFAULT_CSP)
+                headers += [h for h in secure if h[0] not in names]
+                headers += extra
+                if request_id:
+                    headers.append((b"x-request-id", request_id))
                 message["headers"] = headers
             await send(message)
 
         problem = self._check(scope)
         if problem is not None:
-            scope.setdefault("state", {})["gateway.detail"] = problem.detail
+            state["gateway.detail"] = problem.detail
             await send_problem(send_secured, problem, head=scope["method"] == "HEAD")
             return
         await self.app(scope, receive, send_secured)
