@@ -467,6 +467,7 @@ class KeyStore:
         self.state_path = state_path_for(self.path)
         self.flush_interval = flush_interval
         self._index: dict[str, tuple[KeyRecord, bytes]] = {}
+        self._principals: dict[KeyRecord, Principal] = {}
         # None: never looked; "missing": no file; else (inode, mtime_ns, size).
         self._signature: object = None
         self._usage: dict[str, datetime] = {}
@@ -554,13 +555,19 @@ class KeyStore:
         return entry[0]
 
     def principal(self, record: KeyRecord) -> Principal:
-        return Principal(
-            id=f"key:{record.id}",
-            name=record.name,
-            role=record.role,
-            method="api_key",
-            rate_limit=record.rate_limit,
-        )
+        # Records are immutable and replaced on reload, so one Principal per record serves every request.
+        cached = self._principals.get(record)
+        if cached is None:
+            if len(self._principals) > 4 * len(self) + 64:
+                self._principals.clear()
+            cached = self._principals[record] = Principal(
+                id=f"key:{record.id}",
+                name=record.name,
+                role=record.role,
+                method="api_key",
+                rate_limit=record.rate_limit,
+            )
+        return cached
 
     # -- last used
 
