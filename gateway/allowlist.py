@@ -10,6 +10,7 @@ the parsed values, never copied from the client.
 
 from __future__ import annotations
 
+import functools
 import re
 import urllib.parse
 from dataclasses import dataclass
@@ -46,6 +47,13 @@ PATHS: dict[str, frozenset[str]] = {
 VARS_PARAMS = frozenset({"name", "match", "fmt", "cache"})
 # Variables that never leave the gateway: the hotspot's Wi-Fi password.
 SECRET_VARS = frozenset({"/sys/info/wpa_key"})
+
+
+def is_secret_var(name: str) -> bool:
+    """``name`` is a secret variable however it is spelled (case, doubled or trailing
+    slashes): how the PVS reads such variants is unknown, so none of them is sent."""
+    return re.sub(r"/+", "/", name.lower()).rstrip("/") in SECRET_VARS
+
 
 MAX_VAR_NAMES = 32
 _VALUE_RULES = {
@@ -122,7 +130,16 @@ def _check_params(params: dict[str, str], allowed: frozenset[str], where: str) -
 
 
 def classify(raw_path: bytes, raw_query: bytes, *, max_params: int = 16) -> Resource:
-    """Map a GET to a Resource, or raise RequestRejected (never forwarded)."""
+    """Map a GET to a Resource, or raise RequestRejected (never forwarded).
+
+    Pollers repeat a handful of URLs, so accepted ones are remembered (a bounded
+    LRU of immutable Resources); rejections are never cached and always re-parsed.
+    """
+    return _classify_cached(raw_path, raw_query, max_params)
+
+
+@functools.lru_cache(maxsize=512)
+def _classify_cached(raw_path: bytes, raw_query: bytes, max_params: int) -> Resource:
     if not _RAW_PATH.fullmatch(raw_path) or b"//" in raw_path:
         raise reject("path contains characters or segments the gateway does not pass on", 400)
     path = raw_path.decode("ascii")
@@ -195,7 +212,7 @@ def _classify_vars(params: dict[str, str]) -> Resource:
         for name in names:
             if not _VAR_NAME.fullmatch(name) or "/../" in name + "/" or "/./" in name + "/":
                 raise reject(f"{name!r} is not a variable name", 400)
-            if name in SECRET_VARS:
+            if is_secret_var(name):
                 raise reject(f"{name} is a secret and never leaves the gateway")
         selector = urllib.parse.urlencode([("name", ",".join(names))], safe="/,")
         return vars_resource(selector, fmt, cache_id)

@@ -101,11 +101,8 @@ def create_app(settings: Settings, *, transport: httpx.AsyncBaseTransport | None
     signer = SessionSigner(secret or load_or_create_secret(settings.path(settings.server.cert_dir) / "session.key"))
 
     def api_key(presented: str) -> Principal | None:
-        record = keys.verify(presented)
-        if record is None:
-            return None
-        keys.record_use(record.id)
-        return keys.principal(record)
+        record = keys.verify(presented)  # records the use itself
+        return keys.principal(record) if record is not None else None
 
     def session(token: str) -> Principal | None:
         kid = signer.verify(token)

@@ -13,7 +13,7 @@ import json
 import re
 from typing import Any
 
-from gateway.allowlist import SECRET_VARS
+from gateway.allowlist import is_secret_var
 from gateway.errors import UpstreamBadResponse
 
 _HEADER_BLOCK = re.compile(rb"\A\s*HTTP/\d(?:\.\d)? \d{3}[^\n]*\n(?:[^\n]*\n)*?\r?\n")
@@ -39,16 +39,15 @@ def strip_secret_vars(value: dict[str, Any]) -> tuple[dict[str, Any], bool]:
     removed = False
     values = value.get("values")
     if isinstance(values, list):
-        kept = [v for v in values if not (isinstance(v, dict) and v.get("name") in SECRET_VARS)]
+        kept = [v for v in values if not (isinstance(v, dict) and isinstance(v.get("name"), str) and is_secret_var(v["name"]))]
         if len(kept) != len(values):
             removed = True
             value = {**value, "values": kept}
             if isinstance(value.get("count"), int):
                 value["count"] = len(kept)
-    for name in SECRET_VARS:
-        if name in value:
-            removed = True
-            value = {k: v for k, v in value.items() if k not in SECRET_VARS}
+    if any(isinstance(k, str) and is_secret_var(k) for k in value):
+        removed = True
+        value = {k: v for k, v in value.items() if not (isinstance(k, str) and is_secret_var(k))}
     return value, removed
 
 

@@ -537,6 +537,7 @@ class KeyStore:
         if entry is None or not matches:
             return None
         record = entry[0]
+        now = now or _now()  # one clock read serves the expiry check and the last-used time
         status = record.status(now)
         if status != "active":
             log.debug("key %s (%s) refused: %s", kid, record.name, status)
