@@ -233,6 +233,8 @@ class GatewayApp:
         self.state.gateway = parts
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        # Middleware runs before Starlette sets scope["app"]; url_for (the OIDC login redirect) needs it.
+        scope.setdefault("app", self.routes)
         await self._stack(scope, receive, send)
 
 

@@ -12,6 +12,7 @@ import uvicorn
 from starlette.types import Receive, Scope, Send
 
 from gateway.app import components, create_app
+from gateway.httpproto import protocol_class
 from gateway.settings import Settings
 
 log = logging.getLogger("gateway")
@@ -50,6 +51,8 @@ def _uvicorn_config(app: object, host: str, port: int, settings: Settings) -> uv
         log_config=None,
         lifespan="on",
         timeout_keep_alive=int(settings.server.keepalive_timeout),
+        # Deadline and size cap on request heads (slow clients, huge headers): see gateway.httpproto.
+        http=protocol_class(settings.server),
         h11_max_incomplete_event_size=settings.server.max_header_bytes,
         timeout_graceful_shutdown=5,
     )
