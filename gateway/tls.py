@@ -480,11 +480,24 @@ def export_ca(cert_dir: Path | str) -> str:
 # ---------------------------------------------------------------- serving
 
 
+def _restrict_groups(ctx: ssl.SSLContext) -> None:
+    """Offer only Mozilla "intermediate" key-exchange groups.
+
+    OpenSSL's default list adds X448 and P-521, which the profile excludes.
+    Python before 3.15 can set only one group (``set_ecdh_curve``), and
+    reaching libssl through ctypes to set a list is not something a security
+    gateway should do, so P-256 alone: compliant and universally supported;
+    clients that lead with an X25519 key share pay one extra round trip.
+    """
+    ctx.set_ecdh_curve("prime256v1")
+
+
 def server_ssl_context(cert_file: Path | str, key_file: Path | str) -> ssl.SSLContext:
     """A server context on Mozilla's "intermediate" profile (TLS 1.2+)."""
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     ctx.set_ciphers(TLS12_CIPHERS)
+    _restrict_groups(ctx)
     ctx.options |= ssl.OP_NO_COMPRESSION | ssl.OP_NO_RENEGOTIATION
     # Intermediate profile: every offered suite is strong, so let the client pick
     # (phones prefer ChaCha20 without AES hardware).
