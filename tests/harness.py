@@ -219,3 +219,11 @@ def start_gateway(workdir: Path, upstream_url: str, config: dict[str, Any] | Non
     if cfg["server"].get("tls", "self-signed") == "self-signed":
         ca = workdir / cfg["server"].get("cert_dir", "certs") / "ca.pem"
     return Gateway(url, proc, workdir, log_path, config_path, ca, secrets)
+
+
+def rss_bytes(pid: int) -> int:
+    """Resident memory of a process, from /proc (Linux)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError(f"no VmRSS for pid {pid}")
