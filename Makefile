@@ -21,8 +21,9 @@ demo: $(STAMP)
 test-deps: $(STAMP)
 	PATH="$(CURDIR)/$(BIN):$$PATH" ./scripts/install-test-deps
 
+# Test files run three at a time (-n 3): most of their time is spent waiting on real processes.
 test: test-deps
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n 3 --dist loadfile
 
 # Known vulnerabilities in the installed dependencies: printed; network trouble never fails it
 # (PVSGW_AUDIT_STRICT=1 makes findings fatal).
