@@ -5,9 +5,7 @@ Each function returns a ``Proc`` whose ``url`` answers; all on 127.0.0.1.
 
 from __future__ import annotations
 
-import json
 import os
-import re
 from pathlib import Path
 from typing import Any
 
@@ -23,39 +21,13 @@ from bench.common import (
     wait_http,
 )
 
+# The same small TOML writer the tests use to write gateway configs.
+from tests.harness import toml_dumps
+
 DEVICE_LIST = "/cgi-bin/dl_cgi?Command=DeviceList"
 
 
 # ------------------------------------------------------------------ config files
-
-
-def toml_dumps(data: dict[str, Any], prefix: str = "") -> str:
-    lines, tables = [], []
-    for key, value in data.items():
-        if isinstance(value, dict):
-            tables.append((f"{prefix}{key}", value))
-        else:
-            lines.append(f"{_toml_key(key)} = {_toml_value(value)}")
-    out = "\n".join(lines) + ("\n" if lines else "")
-    for name, table in tables:
-        out += f"\n[{name}]\n" + toml_dumps(table, f"{name}.")
-    return out
-
-
-def _toml_key(key: str) -> str:
-    return key if re.fullmatch(r"[A-Za-z0-9_-]+", key) else json.dumps(key)
-
-
-def _toml_value(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (int, float)):
-        return repr(value)
-    if isinstance(value, str):
-        return json.dumps(value)
-    if isinstance(value, (list, tuple)):
-        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
-    raise TypeError(value)
 
 
 def merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
