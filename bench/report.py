@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-ORDER = ["gateway", "gateway-nolog", "bare-uvloop", "bare-asyncio", "caddy", "nginx"]
+ORDER = ["gateway", "gateway-nolog", "gateway-nolimit", "bare-uvloop", "bare-asyncio", "caddy", "nginx"]
 CEILING = "bare-uvloop"
 
 

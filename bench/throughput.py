@@ -7,6 +7,7 @@ Targets, all in front of (or standing in for) the same fast static upstream
   access log to a file, rate limits checked on every request but raised so
   they never trip), cache warm (DeviceList TTL 1 h, so every request is a hit);
 - ``gateway-nolog``: the same with ``server.access_log = "off"``;
+- ``gateway-nolimit``: the same with rate limits off (the cost of checking a limit);
 - ``bare-uvloop``: a bare Starlette app returning the same bytes, served by
   uvicorn with the gateway's uvicorn settings (``gateway.server._uvicorn_config``),
   TLS profile and certificate, on uvloop like the gateway: the stack's ceiling;
@@ -42,6 +43,7 @@ from bench.common import (
 DESCRIPTIONS = {
     "gateway": "pvs-gateway: TLS, API key, rate limits, access log to a file, cache hit",
     "gateway-nolog": "pvs-gateway, `server.access_log = \"off\"`",
+    "gateway-nolimit": "pvs-gateway with rate limits off (what checking a limit costs a cache hit: compare with `gateway`)",
     "bare-asyncio": "bare uvicorn + Starlette on the standard library's asyncio loop (reference: what uvloop is worth)",
     "bare-uvloop": "bare uvicorn + Starlette, same bytes, the gateway's uvicorn settings, TLS profile and loop (uvloop): the ceiling",
     "caddy": "Caddy `reverse_proxy` + `tls internal` (seed guide), pass-through to the static upstream",
@@ -56,6 +58,12 @@ def start_targets(work: Path, upstream: Proc, body_file: Path) -> dict[str, Proc
     targets["gateway"].extra["idle_started_rss_mb"] = _settle_rss(targets["gateway"])
     targets["gateway-nolog"] = servers.gateway(
         work / "gateway-nolog", upstream.url, {**gw_cache, "server": {"access_log": "off"}}, name="gateway-nolog"
+    )
+    targets["gateway-nolimit"] = servers.gateway(
+        work / "gateway-nolimit",
+        upstream.url,
+        {**gw_cache, "ratelimit": {"per_caller": "off", "per_ip": "off", "auth_failures": "off"}},
+        name="gateway-nolimit",
     )
     cert, key = targets["gateway"].extra["cert"], targets["gateway"].extra["keyfile"]
     targets["bare-asyncio"] = servers.bare(work / "bare-asyncio", body_file, cert, key, loop="asyncio")

@@ -28,7 +28,9 @@ def test_sixth_request_of_one_key_is_limited_and_another_key_is_not(simulator: S
         assert limited.status_code == 429
         assert limited.headers["ratelimit-policy"] == '"caller";q=5;w=60'
         assert limited.headers["ratelimit"].startswith('"caller";r=0;t=')
-        assert 1 <= int(limited.headers["retry-after"]) <= 60
+        # A sliding window frees a slot as the earlier requests' weight decays: never sooner than now,
+        # never later than two windows.
+        assert 1 <= int(limited.headers["retry-after"]) <= 120
         problem = limited.json()
         assert limited.headers["content-type"] == "application/problem+json"
         assert problem["violated-policies"] == ["caller"]
@@ -106,3 +108,24 @@ def test_two_gateways_sharing_redis_enforce_one_limit(simulator: Simulator, make
         gw = first if i % 2 == 0 else second
         codes.append(httpx.get(gw.url + SUPERVISOR, headers={"Authorization": f"Bearer {key}"}).status_code)
     assert codes == [200] * 6 + [429, 429]
+
+
+def test_local_sliding_window_matches_the_algorithm_on_a_fake_clock() -> None:
+    from gateway.ratelimit import LocalWindows
+
+    now = [600.0]  # the start of a 60 s window
+    windows = LocalWindows(clock=lambda: now[0])
+    assert [windows.hit("caller", "k", 5, 60)[0] for _ in range(5)] == [True] * 5
+    allowed, remaining, wait = windows.hit("caller", "k", 5, 60)
+    assert (allowed, remaining) == (False, 0)
+    # Full window: the next one starts in 60 s, then the 5 requests weigh 5*(60-e)/60 <= 4 from e = 12 s.
+    assert wait == 72
+    assert windows.hit("other", "k", 5, 60)[0] is True  # policies and keys are separate
+    now[0] = 600 + 60 + 11.0
+    assert windows.hit("caller", "k", 5, 60)[0] is False
+    now[0] = 600 + 60 + 12.5
+    assert windows.hit("caller", "k", 5, 60)[0] is True
+    # Counters two windows old weigh nothing and are dropped, so per-IP keys cannot grow memory.
+    now[0] = 600 + 1000.0
+    windows.hit("ip", "fresh", 5, 60)
+    assert ("caller", "k", 5, 60) not in windows._counters
