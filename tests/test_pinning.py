@@ -15,9 +15,7 @@ import logging
 import socket
 import ssl
 import stat
-import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpcore
@@ -30,6 +28,7 @@ from cryptography.x509.oid import NameOID
 
 from gateway import pinning, tls
 from gateway.errors import UpstreamTLSError
+from tests.threaded_server import serve_in_thread
 
 
 def self_signed(directory: Path, cn: str) -> tuple[Path, Path, str]:
@@ -100,21 +99,8 @@ class FakePVS:
         return b"".join(bytes(b) for b in self.received[index:])
 
 
-@contextlib.contextmanager
-def running(pvs: FakePVS) -> Iterator[int]:
-    loop = asyncio.new_event_loop()
-    server = loop.run_until_complete(asyncio.start_server(pvs.handle, "127.0.0.1", 0, ssl=pvs.base))
-    port = server.sockets[0].getsockname()[1]
-    thread = threading.Thread(target=loop.run_forever, daemon=True)
-    thread.start()
-    try:
-        yield port
-    finally:
-        loop.call_soon_threadsafe(loop.stop)
-        thread.join(5)
-        server.close()
-        loop.run_until_complete(server.wait_closed())
-        loop.close()
+def running(pvs: FakePVS) -> contextlib.AbstractContextManager[int]:
+    return serve_in_thread(pvs.handle, pvs.base)
 
 
 def get(transport: httpx.AsyncBaseTransport, url: str, times: int = 1) -> list[httpx.Response | BaseException]:

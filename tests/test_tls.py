@@ -31,6 +31,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from gateway import tls
 from gateway.settings import ServerSettings, Settings
+from tests.threaded_server import serve_in_thread
 
 EXTRA = ("pvs-gateway.example.lan", "192.0.2.10")
 V = ssl.TLSVersion
@@ -60,7 +61,6 @@ def cert_dir(tmp_path: Path) -> Path:
 @contextlib.contextmanager
 def tls_server(ctx: ssl.SSLContext) -> Iterator[int]:
     """A real asyncio TLS server on 127.0.0.1 (what uvicorn does with config.ssl); yields its port."""
-    loop = asyncio.new_event_loop()
 
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
@@ -70,18 +70,8 @@ def tls_server(ctx: ssl.SSLContext) -> Iterator[int]:
         except OSError:
             pass
 
-    server = loop.run_until_complete(asyncio.start_server(handle, "127.0.0.1", 0, ssl=ctx))
-    port = server.sockets[0].getsockname()[1]
-    thread = threading.Thread(target=loop.run_forever, daemon=True)
-    thread.start()
-    try:
+    with serve_in_thread(handle, ctx) as port:
         yield port
-    finally:
-        loop.call_soon_threadsafe(loop.stop)
-        thread.join(5)
-        server.close()
-        loop.run_until_complete(server.wait_closed())
-        loop.close()
 
 
 def handshake(
