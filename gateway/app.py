@@ -70,7 +70,7 @@ def upstream_transport(settings: Settings) -> httpx.AsyncBaseTransport:
     return pinning.make_transport(
         up.url,
         mode=up.verify_tls,
-        pin_file=settings.path(settings.server.cert_dir) / "pvs-pin.json",
+        pin_file=settings.path(settings.server.cert_dir) / pinning.PIN_FILE,
         ca_file=str(settings.path(up.ca_file)) if up.ca_file else "",
         connect_timeout=up.connect_timeout,
         limits=httpx.Limits(max_connections=up.max_concurrency + 1, max_keepalive_connections=up.max_concurrency),

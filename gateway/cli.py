@@ -145,21 +145,20 @@ def cmd_certs(args: argparse.Namespace) -> int:
         return EXIT_CONFIG
     cert_dir = settings.path(settings.server.cert_dir)
     try:
+        if args.certs_command in ("show", "export-ca") and not (cert_dir / tls.CA_CERT).exists():
+            # Before the first start there is nothing to show or export yet: make it now, as serve would.
+            tls.ensure_certificates(cert_dir, tls.leaf_hostnames(settings.server), renew_days=settings.server.cert_renew_days)
         if args.certs_command == "show":
-            if not (cert_dir / "ca.pem").exists():
-                tls.ensure_certificates(cert_dir, tls.leaf_hostnames(settings.server), renew_days=settings.server.cert_renew_days)
             print(json.dumps(tls.describe(cert_dir), indent=2))
         elif args.certs_command == "renew":
             tls.renew_leaf(cert_dir, tls.leaf_hostnames(settings.server))
             print(f"new leaf sha256 {tls.leaf_fingerprint(cert_dir)}; a running gateway serves it to new connections within seconds")
         elif args.certs_command == "export-ca":
-            if not (cert_dir / "ca.pem").exists():
-                tls.ensure_certificates(cert_dir, tls.leaf_hostnames(settings.server), renew_days=settings.server.cert_renew_days)
             sys.stdout.write(tls.export_ca(cert_dir))
         elif args.certs_command == "trust-pvs":
             from gateway import pinning
 
-            fp = pinning.accept_current(settings.upstream.url, cert_dir / "pvs-pin.json")
+            fp = pinning.accept_current(settings.upstream.url, cert_dir / pinning.PIN_FILE)
             print(f"now trusting the PVS certificate sha256 {fp}")
     except (OSError, tls.TLSSetupError) as exc:
         print(f"pvs-gateway certs: {exc}", file=sys.stderr)

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from gateway.auth import keys
 from gateway.settings import load
+from gateway.tls import CA_CERT
 
 log = logging.getLogger("gateway.demo")
 
@@ -55,7 +56,7 @@ def run_demo(*, port: int, state_dir: Path, clock: str) -> int:
         keys_file = settings.path(settings.auth.keys_file)
         names = {row["name"] for row in keys.list_keys(keys_file)}
         _, secret = keys.rotate_key(keys_file, "demo") if "demo" in names else keys.add_key(keys_file, "demo", "admin")
-        ca = (settings.path(settings.server.cert_dir) / "ca.pem").resolve()
+        ca = (settings.path(settings.server.cert_dir) / CA_CERT).resolve()
 
         def announce(url: str) -> None:
             base = url.replace("127.0.0.1", "localhost")
