@@ -21,6 +21,9 @@ once the head is complete. So, per connection:
 - the parser's own 400 (malformed HTTP) is a problem document with the
   security headers, like every other answer.
 
+And one speed-up (see ``CoalescingCycle``): a response whose length is known
+leaves in one write, head and body together, instead of uvicorn's two.
+
 The TLS handshake, before any of this, is bounded by asyncio's 60 s default.
 """
 
@@ -30,7 +33,7 @@ import asyncio
 import logging
 from typing import Any
 
-from gateway.errors import PROBLEM_TYPE, _TITLES, problem_body
+from gateway.errors import _TITLES, PROBLEM_TYPE, problem_body
 from gateway.settings import ServerSettings
 
 log = logging.getLogger("gateway.access")
@@ -55,9 +58,11 @@ def head_cap(server: ServerSettings) -> int:
 def protocol_class(server: ServerSettings) -> type[asyncio.Protocol] | str:
     """The protocol class for ``uvicorn.Config(http=...)``; "h11" if httptools is missing."""
     try:
+        from uvicorn.protocols.http import httptools_impl
         from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
     except ImportError:  # uvicorn without [standard]: h11 caps the head (h11_max_incomplete_event_size)
         return "h11"
+    coalescing = coalescing_cycle(httptools_impl)
 
     class GuardedHttpToolsProtocol(HttpToolsProtocol):
         head_timeout = float(server.keepalive_timeout)
@@ -112,6 +117,12 @@ def protocol_class(server: ServerSettings) -> type[asyncio.Protocol] | str:
             self._disarm()
             super().on_headers_complete()
 
+        def _start_asgi_task(self, cycle: Any, app: Any) -> None:
+            # uvicorn builds its RequestResponseCycle inline in on_headers_complete; every cycle,
+            # pipelined ones included, starts here, so this is where it gets the coalescing send.
+            cycle.__class__ = coalescing
+            super()._start_asgi_task(cycle, app)
+
         def on_response_complete(self) -> None:
             super().on_response_complete()
             # Idle time until the next request is uvicorn's keep-alive timer; its first byte starts our deadline.
@@ -159,3 +170,90 @@ def protocol_class(server: ServerSettings) -> type[asyncio.Protocol] | str:
             log.info("client=%s status=%d detail=%r (connection closed before the app)", client, status, detail)
 
     return GuardedHttpToolsProtocol
+
+
+def coalescing_cycle(impl: Any) -> type:
+    """uvicorn's ``RequestResponseCycle`` with the response head held back until the body.
+
+    uvicorn writes the head on ``http.response.start`` and the body on
+    ``http.response.body``: two writes, so under TLS two records and two
+    ``send`` syscalls for every answer. Holding the head until the first body
+    message and writing both at once saves one of each, about a sixth of a
+    cache hit's cost in ``bench/`` (the same change on the bare Starlette app
+    is worth as much). The header checks are uvicorn's own two patterns, run
+    once over all names and once over all values instead of per field.
+
+    Only the common case is taken over: a keep-alive response with a
+    ``Content-Length`` and no ``Connection`` or ``Transfer-Encoding`` field.
+    Anything else (chunked answers, ``Connection: close``, uvicorn's own 500)
+    is left to uvicorn's code unchanged.
+    """
+    base = impl.RequestResponseCycle
+    status_line: dict[int, bytes] = impl.STATUS_LINE
+    bad_name = impl.HEADER_RE.search
+    bad_value = impl.HEADER_VALUE_RE.search
+
+    class CoalescingCycle(base):  # type: ignore[misc, valid-type]
+        _held: bytes | None = None
+
+        async def send(self, message: Any) -> None:
+            kind = message["type"]
+            if kind == "http.response.body" and self._held is not None:
+                await self._send_with_head(message)
+                return
+            if kind == "http.response.start" and not self.response_started and self._hold_head(message):
+                return
+            await super().send(message)
+
+        def _hold_head(self, message: Any) -> bool:
+            if self.access_log or not self.keep_alive or self.disconnected or self.flow.write_paused:
+                return False
+            headers = [*self.default_headers, *message.get("headers", ())]
+            length = None
+            for name, value in headers:
+                name = name.lower()
+                if name == b"content-length":
+                    length = value
+                elif name in (b"connection", b"transfer-encoding"):
+                    return False
+            if length is None:
+                return False
+            if bad_name(b"".join(name for name, _ in headers)):
+                raise RuntimeError("Invalid HTTP header name.")
+            if bad_value(b"".join(value for _, value in headers)):
+                raise RuntimeError("Invalid HTTP header value.")
+            self.expected_content_length = int(length)
+            self.chunked_encoding = False
+            self.response_started = True
+            self.waiting_for_100_continue = False
+            parts = [status_line[message["status"]]]
+            for name, value in headers:
+                parts += (name.lower(), b": ", value, b"\r\n")
+            parts.append(b"\r\n")
+            self._held = b"".join(parts)
+            return True
+
+        async def _send_with_head(self, message: Any) -> None:
+            head, self._held = self._held, None
+            if self.flow.write_paused and not self.disconnected:
+                await self.flow.drain()
+            if self.disconnected:
+                return
+            body = message.get("body", b"")
+            if self.scope["method"] == "HEAD":
+                self.expected_content_length = 0
+                body = b""
+            elif len(body) > self.expected_content_length:
+                raise RuntimeError("Response content longer than Content-Length")
+            self.expected_content_length -= len(body)
+            self.transport.write(head + body if body else head)
+            if not message.get("more_body", False):
+                if self.expected_content_length != 0:
+                    raise RuntimeError("Response content shorter than Content-Length")
+                self.response_complete = True
+                self.message_event.set()
+                if not self.keep_alive:
+                    self.transport.close()
+                self.on_response()
+
+    return CoalescingCycle
