@@ -14,7 +14,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TextIO
 
 import httpx
 from starlette.applications import Starlette
@@ -29,12 +29,13 @@ from gateway import dashboard, local, metrics, routes
 from gateway.auth import Principal
 from gateway.auth.frontproxy import front_proxy_verifier
 from gateway.auth.keys import KeyStore
-from gateway.auth.middleware import AuthMiddleware, Authenticator, FailureGate
+from gateway.auth.middleware import Authenticator, AuthMiddleware, FailureGate
 from gateway.auth.sessions import SessionSigner, load_or_create_secret
 from gateway.budget import UpstreamBudget
 from gateway.cache import ResponseCache
 from gateway.errors import PROBLEM_TYPE, problem_body
 from gateway.health import UpstreamHealth
+from gateway.logbuffer import LineBuffer
 from gateway.middleware.accesslog import AccessLogMiddleware
 from gateway.middleware.forwarded import ForwardedMiddleware, parse_networks
 from gateway.middleware.guard import GuardMiddleware
@@ -77,7 +78,13 @@ def upstream_transport(settings: Settings) -> httpx.AsyncBaseTransport:
     )
 
 
-def create_app(settings: Settings, *, transport: httpx.AsyncBaseTransport | None = None) -> GatewayApp:
+def create_app(
+    settings: Settings,
+    *,
+    transport: httpx.AsyncBaseTransport | None = None,
+    access_stream: TextIO | None = None,
+) -> GatewayApp:
+    """``access_stream``: where access lines go, batched (the CLI's log stream); else the ``gateway.access`` logger."""
     up = settings.upstream
     health = UpstreamHealth(
         failure_threshold=up.failure_threshold,
@@ -149,8 +156,15 @@ def create_app(settings: Settings, *, transport: httpx.AsyncBaseTransport | None
     )
     if oidc is not None:
         route_list += oidc.login.routes
+    access_lines = LineBuffer(access_stream) if access_stream is not None else None
     middleware = [
-        Middleware(AccessLogMiddleware, style=settings.server.access_log, per_identity=parts.per_identity, observe=observed.observe),
+        Middleware(
+            AccessLogMiddleware,
+            style=settings.server.access_log,
+            per_identity=parts.per_identity,
+            observe=observed.observe,
+            write=access_lines.add if access_lines is not None else None,
+        ),
         Middleware(ForwardedMiddleware, trusted=parse_networks(settings.server.trusted_proxies), root_path=settings.server.root_path),
         Middleware(GuardMiddleware, settings=settings.server),
         *(oidc.login.middleware if oidc else ()),
@@ -184,6 +198,8 @@ def create_app(settings: Settings, *, transport: httpx.AsyncBaseTransport | None
             await upstream.aclose()
             if oidc is not None:
                 await oidc.client.aclose()
+            if access_lines is not None:
+                access_lines.close()
 
     own_routes = Starlette(
         routes=route_list,

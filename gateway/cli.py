@@ -66,7 +66,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from gateway.server import run_async, serve
 
     try:
-        run_async(serve(settings))
+        # Access lines bypass logging's per-record cost but share its stream and format.
+        run_async(serve(settings, access_stream=sys.stderr))
     except KeyboardInterrupt:
         pass
     except OSError as exc:

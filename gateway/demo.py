@@ -80,7 +80,7 @@ def run_demo(*, port: int, state_dir: Path, clock: str) -> int:
         from gateway.server import run_async, serve
 
         with contextlib.suppress(KeyboardInterrupt):
-            run_async(serve(settings, on_ready=announce))
+            run_async(serve(settings, on_ready=announce, access_stream=sys.stderr))
         return 0
     finally:
         sim.terminate()

@@ -6,7 +6,7 @@ import asyncio
 import ipaddress
 import logging
 from collections.abc import Callable, Coroutine
-from typing import Any
+from typing import Any, TextIO
 
 import uvicorn
 from starlette.types import Receive, Scope, Send
@@ -58,9 +58,14 @@ def _uvicorn_config(app: object, host: str, port: int, settings: Settings) -> uv
     )
 
 
-async def serve(settings: Settings, *, on_ready: Callable[[str], None] | None = None) -> None:
-    """Run the gateway until cancelled or signalled."""
-    app = create_app(settings)
+async def serve(
+    settings: Settings,
+    *,
+    on_ready: Callable[[str], None] | None = None,
+    access_stream: TextIO | None = None,
+) -> None:
+    """Run the gateway until cancelled or signalled; access lines go to ``access_stream`` if given."""
+    app = create_app(settings, access_stream=access_stream)
     config = _uvicorn_config(app, settings.server.host, settings.server.port, settings)
     config.load()
     tls = None

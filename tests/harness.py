@@ -173,7 +173,7 @@ class Gateway:
         return self.log_path.read_text(errors="replace")
 
     def wait_for_log(self, text: str, timeout: float = 5.0) -> str:
-        """The log once it contains ``text`` (access lines are written just after the answer is sent)."""
+        """The log once it contains ``text`` (access lines are written in batches, within half a second)."""
         deadline = time.monotonic() + timeout
         while text not in (logs := self.logs()):
             if time.monotonic() > deadline:

@@ -15,7 +15,7 @@ LAYERS: list[set[str]] = [
     {"gateway", "gateway.errors", "gateway.settings", "gateway.files", "gateway.scopes", "gateway.auth"},
     {
         "gateway.allowlist", "gateway.budget", "gateway.health", "gateway.tls", "gateway.pinning",
-        "gateway.responses", "gateway.auth.keys", "gateway.auth.sessions", "gateway.httpproto",
+        "gateway.responses", "gateway.auth.keys", "gateway.auth.sessions", "gateway.httpproto", "gateway.logbuffer",
     },
     {"gateway.pvsbody", "gateway.upstream", "gateway.ratelimit", "gateway.auth.oidc"},
     {"gateway.cache"},

@@ -3,14 +3,19 @@
 The line carries a request id, the identity (key id and name, never a
 secret), the real client IP (after trusted-proxy resolution), status,
 duration and cache status. Query strings are logged; credentials never
-travel in them (the gateway accepts none there).
+travel in them (the gateway accepts none there). A field with anything but
+printable ASCII (a percent-decoded ``%0a`` in a path, say) is written as a
+JSON string, so a client cannot forge or split log lines.
+
+Lines go to ``write`` (the CLI passes a ``gateway.logbuffer.LineBuffer``),
+else to the ``gateway.access`` logger.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
-import itertools
 import secrets
 import time
 from collections.abc import Callable
@@ -32,9 +37,12 @@ class AccessLogMiddleware:
         style: str,
         per_identity: dict[str, dict[str, int]],
         observe: Callable[[Scope, dict, int, float], None] | None = None,
+        write: Callable[[str], None] | None = None,
     ) -> None:
         self.app = app
-        self.style = style
+        # Decided once: the level cannot change while serving.
+        self.style = style if log.isEnabledFor(logging.INFO) else "off"
+        self.write = write or log.info
         self.per_identity = per_identity
         # Request metrics ride on this middleware's timing instead of wrapping every request again.
         self.observe = observe
@@ -75,31 +83,45 @@ class AccessLogMiddleware:
         counts["requests"] += 1
         if status >= 400:
             counts["errors"] += 1
-        if self.style == "off" or not log.isEnabledFor(logging.INFO):
+        if self.style == "off":
             return
-        client = scope["client"][0] if scope.get("client") else "-"
+        client = scope["client"][0] if scope.get("client") else "-"  # an IP address: needs no quoting
         path = scope["path"]  # the full path: it includes root_path (Starlette's convention)
-        query = scope.get("query_string", b"").decode("latin-1")
-        target = f"{path}?{query}" if query else path
-        fields = {
-            "request_id": request_id,
-            "client": client,
-            "identity": identity,
-            "name": principal.name if principal is not None else "-",
-            "method": scope["method"],
-            "target": target[:512],
-            "status": status,
-            "duration_ms": round(duration * 1000, 2),
-            "cache": state.get("gateway.cache", "-"),
-        }
-        if "gateway.detail" in state:
-            fields["detail"] = state["gateway.detail"]
+        query = scope.get("query_string", b"")
+        target = f"{path}?{query.decode('latin-1')}" if query else path
+        name = principal.name if principal is not None else "-"
+        cache = state.get("gateway.cache", "-")
+        detail = state.get("gateway.detail")
         if self.style == "json":
-            log.info(json.dumps(fields, separators=(",", ":")))
-        else:
-            log.info(" ".join(f"{k}={_quote(v)}" for k, v in fields.items()))
+            fields = {
+                "request_id": request_id,
+                "client": client,
+                "identity": identity,
+                "name": name,
+                "method": scope["method"],
+                "target": target[:512],
+                "status": status,
+                "duration_ms": round(duration * 1000, 2),
+                "cache": cache,
+            }
+            if detail is not None:
+                fields["detail"] = detail
+            self.write(json.dumps(fields, separators=(",", ":")))
+            return
+        line = (
+            f"request_id={request_id} client={client} identity={_quote(identity)} name={_quote(name)} "
+            f"method={scope['method']} target={_quote(target[:512])} status={status} "
+            f"duration_ms={duration * 1000:.2f} cache={_quote(cache)}"
+        )
+        if detail is not None:
+            line += f" detail={_quote(detail)}"
+        self.write(line)
 
 
-def _quote(value: object) -> str:
-    text = str(value)
-    return json.dumps(text) if (" " in text or '"' in text or not text) else text
+def _quote(text: str) -> str:
+    """The field as is if it is a plain token, else a JSON string (what a log parser can undo)."""
+    if text.isascii() and text.isprintable() and '"' not in text and "\\" not in text:
+        if text and " " not in text:
+            return text
+        return f'"{text}"'  # what json.dumps gives for printable ASCII without quotes or backslashes
+    return json.dumps(text)

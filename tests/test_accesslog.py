@@ -1,0 +1,123 @@
+"""The access log: batched writes lose nothing, keep logging's format, and cannot be forged."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import re
+import signal
+from collections.abc import Callable
+
+import pytest
+
+from gateway.logbuffer import LineBuffer
+from tests.harness import Gateway, Simulator
+
+DEVICE_LIST = "/cgi-bin/dl_cgi?Command=DeviceList"
+# What the CLI's logging.basicConfig format produces: "%(asctime)s %(levelname)s %(name)s: %(message)s".
+LOG_LINE = re.compile(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} [A-Z]+ [\w.]+: ")
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1_800_000_000.25
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_lines_match_the_logging_format() -> None:
+    stream = io.StringIO()
+    clock = FakeClock()
+    buf = LineBuffer(stream, clock=clock)
+    buf.add("request_id=1 status=200")
+    buf.flush()
+    handler = logging.StreamHandler(reference := io.StringIO())
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    record = logging.LogRecord("gateway.access", logging.INFO, "", 0, "request_id=1 status=200", None, None)
+    record.created, record.msecs = clock.now, 250.0
+    handler.emit(record)
+    assert stream.getvalue() == reference.getvalue()
+
+
+def test_size_threshold_writes_once_per_batch() -> None:
+    writes: list[str] = []
+
+    class Stream(io.StringIO):
+        def write(self, text: str) -> int:
+            writes.append(text)
+            return len(text)
+
+    buf = LineBuffer(Stream(), clock=FakeClock(), max_bytes=1000)
+    for i in range(30):  # no running loop here: each line would be written at once, so use the size path
+        buf._lines.append(f"line {i}\n")
+        buf._size += 7
+    buf.add("x" * 1000)
+    assert len(writes) == 1 and writes[0].count("\n") == 31
+    buf.close()
+    assert len(writes) == 1  # nothing left to write
+
+
+def test_write_failures_are_reported_once_and_never_raise(caplog: pytest.LogCaptureFixture) -> None:
+    stream = io.StringIO()
+    stream.close()
+    buf = LineBuffer(stream, clock=FakeClock())
+    with caplog.at_level(logging.ERROR, logger="gateway"):
+        buf.add("a")
+        buf.add("b")
+    reports = [r.message for r in caplog.records if r.message.startswith("access log lines could not be written")]
+    assert len(reports) == 1
+
+
+def _access_lines(gw: Gateway) -> list[str]:
+    return [line for line in gw.logs().splitlines() if " gateway.access: " in line]
+
+
+def test_access_lines_appear_without_waiting_for_a_full_buffer(simulator: Simulator, make_gateway: Callable[..., Gateway]) -> None:
+    gw = make_gateway(simulator.url)
+    with gw.client("viewer") as c:
+        assert c.get(DEVICE_LIST).status_code == 200
+    gw.wait_for_log("target=/cgi-bin/dl_cgi?Command=DeviceList", timeout=2.0)  # flushed by the half-second timer
+
+
+def test_every_line_is_written_by_a_graceful_stop(simulator: Simulator, make_gateway: Callable[..., Gateway]) -> None:
+    gw = make_gateway(simulator.url)
+    with gw.client("viewer") as c:
+        c.get(DEVICE_LIST)
+        before = len(_access_lines(gw))
+        for _ in range(200):
+            assert c.get(DEVICE_LIST).status_code == 200
+    gw.proc.send_signal(signal.SIGTERM)
+    gw.proc.wait(timeout=10)  # uvicorn shuts down gracefully, then re-raises the signal (exit -15)
+    assert "Application shutdown complete" in gw.logs()
+    assert len(_access_lines(gw)) - before >= 200
+
+
+@pytest.mark.parametrize("style", ["text", "json"])
+def test_a_client_cannot_forge_or_split_access_lines(simulator: Simulator, make_gateway: Callable[..., Gateway], style: str) -> None:
+    gw = make_gateway(simulator.url, {"server": {"access_log": style}})
+    forged = "/x%0a2026-01-01%2000:00:00,000%20INFO%20gateway.access:%20request_id=forged%22%5C"
+    with gw.client("viewer") as c:
+        assert c.get(forged).status_code == 404
+        assert c.get("/y%0aforged%0d%09").status_code == 404  # no space, only control characters
+        c.get(DEVICE_LIST)
+    gw.wait_for_log("Command=DeviceList", timeout=2.0)
+    for line in gw.logs().splitlines():
+        assert LOG_LINE.match(line) or line.startswith((" ", "Traceback")), f"a line not from the logger: {line!r}"
+    (line,) = [line for line in _access_lines(gw) if "/x" in line]
+    if style == "json":
+        fields = json.loads(line.split("gateway.access: ", 1)[1])
+        assert fields["target"].startswith("/x\n2026-01-01 00:00:00,000 INFO")
+    else:
+        target = re.search(r' target=("(?:[^"\\]|\\.)*")', line)
+        assert target is not None, line
+        assert json.loads(target.group(1)).endswith('request_id=forged"\\')
+
+
+def test_access_log_off_writes_no_access_lines(simulator: Simulator, make_gateway: Callable[..., Gateway]) -> None:
+    gw = make_gateway(simulator.url, {"server": {"access_log": "off"}})
+    with gw.client("viewer") as c:
+        assert c.get(DEVICE_LIST).status_code == 200
+    gw.stop()
+    assert _access_lines(gw) == []
