@@ -171,7 +171,7 @@ def create_app(
         Middleware(
             AuthMiddleware,
             authenticator=authenticator,
-            gate=FailureGate(gate_hit, limiter.auth_blocked_for),
+            gate=FailureGate(gate_hit, limiter.auth_blocked_for, limiter.may_be_blocked),
             anonymous_from=parse_networks(settings.auth.allow_anonymous_from),
             admin_paths=ADMIN_PATHS if settings.auth.metrics_role == "admin" else ADMIN_PATHS - {"/metrics"},
             anonymous_paths=observed.public_paths | ({"/metrics"} if settings.auth.metrics_role == "anonymous" else set()),

@@ -12,7 +12,6 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import limits
 from limits.aio.strategies import MovingWindowRateLimiter, SlidingWindowCounterRateLimiter
@@ -35,32 +34,51 @@ def _item(value: str | None) -> limits.RateLimitItem | None:
     return limits.parse(value)
 
 
+def _policy(name: str, value: str | None) -> Policy | None:
+    item = _item(value)
+    return Policy(name, item) if item is not None else None
+
+
 def _async_uri(uri: str) -> str:
     return uri if uri.startswith("async+") else f"async+{uri}"
 
 
-@dataclass(frozen=True, slots=True)
+class Policy:
+    """One configured limit ("caller", "ip", a role's or a key's own), its header fields made once."""
+
+    __slots__ = ("item", "name", "quota", "window", "policy_field", "_tag")
+
+    def __init__(self, name: str, item: limits.RateLimitItem) -> None:
+        self.item = item
+        self.name = name
+        self.quota = item.amount
+        self.window = item.get_expiry()
+        self._tag = name.encode()
+        self.policy_field = (b"ratelimit-policy", b'"%s";q=%d;w=%d' % (self._tag, self.quota, self.window))
+
+    def fields(self, remaining: int, reset_in: int) -> list[tuple[bytes, bytes]]:
+        return [self.policy_field, (b"ratelimit", b'"%s";r=%d;t=%d' % (self._tag, remaining, reset_in))]
+
+
 class Verdict:
-    allowed: bool
-    policy: str
-    quota: int
-    window: int
-    remaining: int
-    reset_in: int
+    __slots__ = ("allowed", "policy", "remaining", "reset_in")
+
+    def __init__(self, allowed: bool, policy: Policy, remaining: int, reset_in: int) -> None:
+        self.allowed = allowed
+        self.policy = policy
+        self.remaining = remaining
+        self.reset_in = reset_in
 
     def headers(self) -> list[tuple[bytes, bytes]]:
-        return [
-            (b"ratelimit-policy", b'"%s";q=%d;w=%d' % (self.policy.encode(), self.quota, self.window)),
-            (b"ratelimit", b'"%s";r=%d;t=%d' % (self.policy.encode(), self.remaining, self.reset_in)),
-        ]
+        return self.policy.fields(self.remaining, self.reset_in)
 
     def problem(self) -> GatewayError:
+        p = self.policy
         return GatewayError(
-            f"rate limit {self.policy!r} exceeded ({self.quota} requests per {self.window} s); "
-            f"retry in {self.reset_in} s",
+            f"rate limit {p.name!r} exceeded ({p.quota} requests per {p.window} s); retry in {self.reset_in} s",
             status=429,
-            headers=[("Retry-After", str(self.reset_in))],
-            extra={"type": QUOTA_EXCEEDED, "violated-policies": [self.policy]},
+            headers=[("Retry-After", str(self.reset_in))] + [(k.decode(), v.decode()) for k, v in self.headers()],
+            extra={"type": QUOTA_EXCEEDED, "violated-policies": [p.name]},
         )
 
 
@@ -133,37 +151,43 @@ class RateLimiter:
         storage = storage_from_string(uri, **options)
         self._window = SlidingWindowCounterRateLimiter(storage)  # cheap: two counters per key
         self._moving = MovingWindowRateLimiter(storage)  # exact, for the rare failed logins
-        self.per_caller = _item(settings.per_caller)
-        self.per_ip = _item(settings.per_ip)
+        self.per_caller = _policy("caller", settings.per_caller)
+        self.per_ip = _policy("ip", settings.per_ip)
         self.auth_failures = _item(settings.auth_failures)
-        self.roles = {role: _item(rate) for role, rate in settings.roles.items()}
-        self._overrides: dict[str, limits.RateLimitItem | None] = {}
+        self.roles = {role: _policy("caller", rate) for role, rate in settings.roles.items()}
+        self._overrides: dict[str, Policy | None] = {}
         self.rejections: dict[str, int] = {}
 
-    def item_for(self, principal: Principal) -> limits.RateLimitItem | None:
+    def policy_for(self, principal: Principal) -> Policy | None:
         if principal.rate_limit:
-            item = self._overrides.get(principal.rate_limit)
-            if item is None and principal.rate_limit not in self._overrides:
-                item = self._overrides[principal.rate_limit] = _item(principal.rate_limit)
-            return item
+            policy = self._overrides.get(principal.rate_limit)
+            if policy is None and principal.rate_limit not in self._overrides:
+                policy = self._overrides[principal.rate_limit] = _policy("caller", principal.rate_limit)
+            return policy
         if principal.role in self.roles:
             return self.roles[principal.role]
         return self.per_caller
 
-    async def check(self, policy: str, item: limits.RateLimitItem, key: str) -> Verdict:
-        if self._local is not None:
-            window = item.get_expiry()
-            allowed, remaining, reset_in = self._local.hit(policy, key, item.amount, window)
-            if not allowed:
-                self.rejections[policy] = self.rejections.get(policy, 0) + 1
-            return Verdict(allowed, policy, item.amount, window, remaining, reset_in)
-        allowed = await self._window.hit(item, policy, key)
-        stats = await self._window.get_window_stats(item, policy, key)
-        window = item.get_expiry()
-        reset_in = max(1, min(window, math.ceil(stats.reset_time - time.time())))
+    def check_now(self, policy: Policy, key: str) -> Verdict | None:
+        """The check without an await, when counters are in this process; None when they are not."""
+        if self._local is None:
+            return None
+        allowed, remaining, reset_in = self._local.hit(policy.name, key, policy.quota, policy.window)
         if not allowed:
-            self.rejections[policy] = self.rejections.get(policy, 0) + 1
-        return Verdict(allowed, policy, item.amount, window, max(0, stats.remaining), reset_in)
+            self.rejections[policy.name] = self.rejections.get(policy.name, 0) + 1
+        return Verdict(allowed, policy, remaining, reset_in)
+
+    async def check(self, policy: Policy, key: str) -> Verdict:
+        verdict = self.check_now(policy, key)
+        if verdict is not None:
+            return verdict
+        item = policy.item
+        allowed = await self._window.hit(item, policy.name, key)
+        stats = await self._window.get_window_stats(item, policy.name, key)
+        reset_in = max(1, min(policy.window, math.ceil(stats.reset_time - time.time())))
+        if not allowed:
+            self.rejections[policy.name] = self.rejections.get(policy.name, 0) + 1
+        return Verdict(allowed, policy, max(0, stats.remaining), reset_in)
 
     # ------------------------------------------------ failed credentials (brute force)
 
@@ -178,13 +202,19 @@ class RateLimiter:
         self._failed_at[ip] = now
         return await self._moving.hit(self.auth_failures, "auth_failures", ip)
 
-    async def auth_blocked_for(self, ip: str) -> float:
+    def may_be_blocked(self, ip: str) -> bool:
+        """False when ``ip`` certainly is not blocked; decided without an await, for every request."""
         if self.auth_failures is None:
-            return 0.0
+            return False
         if self._local is not None:
             last = self._failed_at.get(ip)
             if last is None or time.monotonic() - last > self.auth_failures.get_expiry():
-                return 0.0  # no failure from this IP within the window: it cannot be blocked
+                return False  # no failure from this IP within the window: it cannot be blocked
+        return True
+
+    async def auth_blocked_for(self, ip: str) -> float:
+        if not self.may_be_blocked(ip):
+            return 0.0
         if await self._moving.test(self.auth_failures, "auth_failures", ip):
             return 0.0
         stats = await self._moving.get_window_stats(self.auth_failures, "auth_failures", ip)
@@ -196,7 +226,7 @@ class RateLimiter:
         if self.per_ip is None:
             return None
         ip = scope["client"][0] if scope.get("client") else "unknown"
-        return await self.check("ip", self.per_ip, ip)
+        return await self.check(self.per_ip, ip)
 
 
 class RateLimitMiddleware:
@@ -210,20 +240,20 @@ class RateLimitMiddleware:
         if scope["type"] != "http" or route_path(scope) in NEVER_LIMITED:
             await self.app(scope, receive, send)
             return
-        principal: Principal | None = scope.get("state", {}).get("principal")
+        state = scope.setdefault("state", {})
+        principal: Principal | None = state.get("principal")
         if principal is None or principal.method == "anonymous":
-            verdict = await self.limiter.check_ip(scope)
+            policy, key = self.limiter.per_ip, (scope["client"][0] if scope.get("client") else "unknown")
         else:
-            item = self.limiter.item_for(principal)
-            verdict = await self.limiter.check("caller", item, principal.id) if item is not None else None
-        if verdict is None:
+            policy, key = self.limiter.policy_for(principal), principal.id
+        if policy is None:
             await self.app(scope, receive, send)
             return
+        verdict = self.limiter.check_now(policy, key) or await self.limiter.check(policy, key)
         if not verdict.allowed:
             problem = verdict.problem()
-            problem.headers += [(k.decode(), v.decode()) for k, v in verdict.headers()]
-            scope.setdefault("state", {})["gateway.detail"] = problem.detail
+            state["gateway.detail"] = problem.detail
             await send_problem(send, problem, head=scope["method"] == "HEAD")
             return
-        scope.setdefault("state", {}).setdefault("gateway.headers", []).extend(verdict.headers())
+        state.setdefault("gateway.headers", []).extend(verdict.headers())
         await self.app(scope, receive, send)

@@ -59,7 +59,11 @@ def test_unauthenticated_requests_are_limited_by_client_ip(simulator: Simulator,
     with httpx.Client(base_url=gw.url) as c:
         one = {"X-Forwarded-For": "192.0.2.10"}
         two = {"X-Forwarded-For": "192.0.2.20"}
-        assert [c.get(SUPERVISOR, headers=one).status_code for _ in range(4)] == [401, 401, 401, 429]
+        answers = [c.get(SUPERVISOR, headers=one) for _ in range(4)]
+        assert [r.status_code for r in answers] == [401, 401, 401, 429]
+        assert answers[3].headers["ratelimit-policy"] == '"ip";q=3;w=60'
+        assert answers[3].headers["ratelimit"].startswith('"ip";r=0;t=')
+        assert answers[3].json()["violated-policies"] == ["ip"]
         assert c.get(SUPERVISOR, headers=two).status_code == 401
         assert c.get("/healthz", headers=one).status_code == 200
         # Identified callers from that address use their own budget.

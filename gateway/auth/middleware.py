@@ -56,9 +56,16 @@ class Forbidden(GatewayError):
 class FailureGate:
     """Per-IP failed-credential counting (brute force), backed by ``limits``."""
 
-    def __init__(self, hit: Callable[[str], Awaitable[bool]], blocked: Callable[[str], Awaitable[float]]) -> None:
+    def __init__(
+        self,
+        hit: Callable[[str], Awaitable[bool]],
+        blocked: Callable[[str], Awaitable[float]],
+        may_be_blocked: Callable[[str], bool] = lambda ip: True,
+    ) -> None:
         self._hit = hit
         self._blocked = blocked
+        # Asked first, without an await: most requests come from addresses with no failures.
+        self.may_be_blocked = may_be_blocked
         self._logged: dict[str, float] = {}
 
     async def retry_after(self, ip: str) -> float:
@@ -197,7 +204,7 @@ class AuthMiddleware:
         ip = scope["client"][0] if scope.get("client") else "unknown"
         head = scope["method"] == "HEAD"
 
-        wait = await self.gate.retry_after(ip)
+        wait = await self.gate.retry_after(ip) if self.gate.may_be_blocked(ip) else 0.0
         if wait > 0:
             await send_problem(send, _blocked(wait), head=head)
             return
