@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 
 import limits
 from limits.aio.strategies import MovingWindowRateLimiter, SlidingWindowCounterRateLimiter
@@ -96,31 +96,32 @@ class LocalWindows:
 
     def __init__(self, clock: Callable[[], float] = time.time) -> None:
         self._clock = clock
-        # (policy, key, amount, window) -> [current window start, current count, previous count]
-        self._counters: dict[tuple[str, str, int, int], list[float]] = {}
+        # policy -> key -> [current window start, current count, previous count, window]. Per policy
+        # (a Policy object in the gateway), so the per-request lookup is by the key string alone.
+        self._tables: dict[Hashable, dict[str, list[float]]] = {}
         self._next_prune = 0.0
 
-    def hit(self, policy: str, key: str, amount: int, window: int) -> tuple[bool, int, int]:
+    def hit(self, policy: Hashable, key: str, amount: int, window: int) -> tuple[bool, int, int]:
         """Count one request; return (allowed, remaining, seconds until it would be allowed/reset)."""
         now = self._clock()
-        start = now - (now % window)
-        slot = (policy, key, amount, window)
-        c = self._counters.get(slot)
+        table = self._tables.get(policy)
+        if table is None:
+            table = self._tables[policy] = {}
+        start = now - now % window
+        c = table.get(key)
         if c is None or c[0] != start:
             previous = c[1] if c is not None and c[0] == start - window else 0.0
-            c = self._counters[slot] = [start, 0.0, previous]
+            c = table[key] = [start, 0.0, previous, window]
         elapsed = now - start
         weighted = c[2] * (window - elapsed) / window + c[1]
-        allowed = weighted + 1 <= amount
-        if allowed:
-            c[1] += 1
-            weighted += 1
-            wait = window - elapsed
-        else:
-            wait = self._wait(c, amount, window, elapsed)
         if now >= self._next_prune:
             self._prune(now)
-        return allowed, max(0, int(amount - weighted)), max(1, min(2 * window, math.ceil(wait)))
+        if weighted + 1 <= amount:
+            c[1] += 1
+            # 0 <= elapsed < window, so the window ends in 1..window seconds.
+            return True, int(amount - weighted - 1), math.ceil(window - elapsed)
+        wait = self._wait(c, amount, window, elapsed)
+        return False, max(0, int(amount - weighted)), max(1, min(2 * window, math.ceil(wait)))
 
     @staticmethod
     def _wait(c: list[float], amount: int, window: int, elapsed: float) -> float:
@@ -134,9 +135,10 @@ class LocalWindows:
     def _prune(self, now: float) -> None:
         # Counters older than two windows weigh nothing: drop them, so per-IP keys cannot grow memory.
         self._next_prune = now + 30
-        stale = [slot for slot, c in self._counters.items() if c[0] + 2 * slot[3] <= now]
-        for slot in stale:
-            del self._counters[slot]
+        for table in self._tables.values():
+            stale = [key for key, c in table.items() if c[0] + 2 * c[3] <= now]
+            for key in stale:
+                del table[key]
 
 
 class RateLimiter:
@@ -172,7 +174,7 @@ class RateLimiter:
         """The check without an await, when counters are in this process; None when they are not."""
         if self._local is None:
             return None
-        allowed, remaining, reset_in = self._local.hit(policy.name, key, policy.quota, policy.window)
+        allowed, remaining, reset_in = self._local.hit(policy, key, policy.quota, policy.window)
         if not allowed:
             self.rejections[policy.name] = self.rejections.get(policy.name, 0) + 1
         return Verdict(allowed, policy, remaining, reset_in)
