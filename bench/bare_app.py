@@ -5,7 +5,13 @@ Served by uvicorn with the gateway's own uvicorn settings and TLS profile
 so the only difference from the gateway is the gateway's own work: no auth,
 no rate limit, no middleware, no cache lookup.
 
-    python -m bench.bare_app --port P --cert leaf.pem --key leaf.key --body devicelist.json [--loop uvloop]
+    python -m bench.bare_app --port P --cert leaf.pem --key leaf.key --body devicelist.json \
+        [--loop uvloop] [--protocol uvicorn|gateway]
+
+``--protocol uvicorn`` (the default) is uvicorn's own httptools connection
+protocol: the bare stack, the ceiling. ``--protocol gateway`` is the
+gateway's subclass of it (``gateway.httpproto``: head deadline, one write
+per answer), kept as a reference: what that protocol is worth on its own.
 
 ``--loop uvloop`` (the gateway's own loop, ``gateway.server.run_async``) is
 the stack's ceiling; ``--loop asyncio`` (``asyncio.run``, the standard
@@ -36,7 +42,7 @@ def make_app(body: bytes) -> Starlette:
     return Starlette(routes=[Route("/cgi-bin/dl_cgi", device_list), Route("/healthz", healthz)])
 
 
-def config(app: Starlette, port: int, cert: str, key: str) -> uvicorn.Config:
+def config(app: Starlette, port: int, cert: str, key: str, protocol: str = "uvicorn") -> uvicorn.Config:
     from gateway.settings import Settings
     from gateway.tls import server_ssl_context
 
@@ -49,6 +55,8 @@ def config(app: Starlette, port: int, cert: str, key: str) -> uvicorn.Config:
             app, host="127.0.0.1", port=port, proxy_headers=False, server_header=False,
             access_log=False, log_config=None, lifespan="on", timeout_keep_alive=15,
         )
+    if protocol == "uvicorn":
+        cfg.http = "httptools"  # uvicorn's own protocol, not the gateway's subclass
     cfg.load()
     cfg.ssl = server_ssl_context(cert, key)
     return cfg
@@ -66,10 +74,11 @@ def main() -> None:
         default="asyncio",
         help="uvloop: uvloop's loop (as gateway.server.run_async); asyncio: asyncio.run, the standard library's loop",
     )
+    ap.add_argument("--protocol", choices=("uvicorn", "gateway"), default="uvicorn")
     args = ap.parse_args()
     app = make_app(Path(args.body).read_bytes())
-    server = uvicorn.Server(config(app, args.port, args.cert, args.key))
-    print(f"bare ready url=https://127.0.0.1:{args.port} loop={args.loop}", flush=True)
+    server = uvicorn.Server(config(app, args.port, args.cert, args.key, args.protocol))
+    print(f"bare ready url=https://127.0.0.1:{args.port} loop={args.loop} protocol={args.protocol}", flush=True)
     if args.loop == "uvloop":
         import uvloop
 

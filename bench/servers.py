@@ -97,10 +97,13 @@ def auth_headers(p: Proc) -> dict[str, str]:
 # ------------------------------------------------------------------ the bare ceiling
 
 
-def bare(workdir: Path, body_file: Path, cert: Path, key: Path, *, loop: str = "asyncio", cpus: str = SUT_CPUS) -> Proc:
+def bare(
+    workdir: Path, body_file: Path, cert: Path, key: Path, *, loop: str = "asyncio", protocol: str = "uvicorn", cpus: str = SUT_CPUS
+) -> Proc:
     port = free_port()
-    argv = [python(), "-m", "bench.bare_app", "--port", str(port), "--cert", str(cert), "--key", str(key), "--body", str(body_file), "--loop", loop]
-    p = spawn(f"bare-{loop}", argv, workdir, cpus=cpus, env={"PYTHONPATH": str(Path(__file__).resolve().parent.parent)})
+    argv = [python(), "-m", "bench.bare_app", "--port", str(port), "--cert", str(cert), "--key", str(key), "--body", str(body_file),
+            "--loop", loop, "--protocol", protocol]
+    p = spawn(f"bare-{loop}-{protocol}", argv, workdir, cpus=cpus, env={"PYTHONPATH": str(Path(__file__).resolve().parent.parent)})
     p.url = f"https://{HOST}:{port}"
     wait_http(p.url + "/healthz", proc=p)
     return p
@@ -155,6 +158,30 @@ def static_upstream(workdir: Path, body_file: Path) -> Proc:
     p = _nginx("upstream", workdir, block, LOAD_CPUS)
     p.url = f"http://{HOST}:{port}"
     wait_http(p.url + "/healthz", proc=p)
+    return p
+
+
+def nginx_proxy(workdir: Path, upstream: str, cert: Path, key: Path, *, cpus: str = SUT_CPUS) -> Proc:
+    """nginx as a plain TLS reverse proxy in front of ``upstream``: every request goes through (no cache)."""
+    workdir = workdir.resolve()
+    port = free_port()
+    up = upstream.split("://", 1)[1]
+    block = (
+        f"  access_log {workdir}/access.log;\n"
+        f"  upstream pvs {{ server {up}; keepalive 8; }}\n"
+        "  keepalive_requests 1000000;\n"
+        f"  server {{\n    listen {HOST}:{port} ssl;\n"
+        f"    ssl_certificate {cert};\n    ssl_certificate_key {key};\n"
+        "    location / {\n"
+        "      proxy_pass http://pvs;\n"
+        "      proxy_http_version 1.1;\n"
+        "      proxy_set_header Connection \"\";\n"
+        "    }\n"
+        "  }\n"
+    )
+    p = _nginx("nginx-proxy", workdir, block, cpus)
+    p.url = f"https://{HOST}:{port}"
+    wait_http(p.url + DEVICE_LIST, proc=p)
     return p
 
 

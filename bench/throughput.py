@@ -9,10 +9,14 @@ Targets, all in front of (or standing in for) the same fast static upstream
 - ``gateway-nolog``: the same with ``server.access_log = "off"``;
 - ``gateway-nolimit``: the same with rate limits off (the cost of checking a limit);
 - ``bare-uvloop``: a bare Starlette app returning the same bytes, served by
-  uvicorn with the gateway's uvicorn settings (``gateway.server._uvicorn_config``),
-  TLS profile and certificate, on uvloop like the gateway: the stack's ceiling;
-- ``bare-asyncio``: the same on the standard library's asyncio loop (reference);
+  uvicorn (its own httptools protocol) with the gateway's uvicorn settings
+  (``gateway.server._uvicorn_config``), TLS profile and certificate, on uvloop
+  like the gateway: the stack's ceiling;
+- ``bare-gwproto``: the same app on the gateway's connection protocol
+  (``gateway.httpproto``: one write per answer), reference: what the
+  protocol is worth without the gateway's work;
 - ``caddy``: the seed guide's bridge (``reverse_proxy``, ``tls internal``), no cache;
+- ``nginx-proxy``: nginx as a plain TLS reverse proxy (pass-through, no cache);
 - ``nginx``: ``proxy_cache`` in front of the upstream, TLS with the gateway's certificate.
 
 Every server under test runs on one core (CPU 1; Go with GOMAXPROCS=1,
@@ -44,9 +48,10 @@ DESCRIPTIONS = {
     "gateway": "pvs-gateway: TLS, API key, rate limits, access log to a file, cache hit",
     "gateway-nolog": "pvs-gateway, `server.access_log = \"off\"`",
     "gateway-nolimit": "pvs-gateway with rate limits off (what checking a limit costs a cache hit: compare with `gateway`)",
-    "bare-asyncio": "bare uvicorn + Starlette on the standard library's asyncio loop (reference: what uvloop is worth)",
-    "bare-uvloop": "bare uvicorn + Starlette, same bytes, the gateway's uvicorn settings, TLS profile and loop (uvloop): the ceiling",
+    "bare-uvloop": "bare uvicorn + Starlette, same bytes, uvicorn's own protocol, the gateway's uvicorn settings, TLS profile and loop (uvloop): the ceiling",
+    "bare-gwproto": "the same bare app on the gateway's connection protocol (`gateway/httpproto.py`, one write per answer): what that protocol is worth alone",
     "caddy": "Caddy `reverse_proxy` + `tls internal` (seed guide), pass-through to the static upstream",
+    "nginx-proxy": "nginx `proxy_pass` + TLS, pass-through to the static upstream (no cache)",
     "nginx": "nginx `proxy_cache` + TLS, cache hit",
 }
 
@@ -66,9 +71,10 @@ def start_targets(work: Path, upstream: Proc, body_file: Path) -> dict[str, Proc
         name="gateway-nolimit",
     )
     cert, key = targets["gateway"].extra["cert"], targets["gateway"].extra["keyfile"]
-    targets["bare-asyncio"] = servers.bare(work / "bare-asyncio", body_file, cert, key, loop="asyncio")
     targets["bare-uvloop"] = servers.bare(work / "bare-uvloop", body_file, cert, key, loop="uvloop")
+    targets["bare-gwproto"] = servers.bare(work / "bare-gwproto", body_file, cert, key, loop="uvloop", protocol="gateway")
     targets["caddy"] = servers.caddy(work / "caddy", upstream.url)
+    targets["nginx-proxy"] = servers.nginx_proxy(work / "nginx-proxy", upstream.url, cert, key)
     targets["nginx"] = servers.nginx_cache(work / "nginx", upstream.url, cert, key)
     return targets
 
