@@ -210,12 +210,14 @@ def coalescing_cycle(impl: Any) -> type:
                 return False
             headers = [*self.default_headers, *message.get("headers", ())]
             length = None
+            parts = [status_line[message["status"]]]
             for name, value in headers:
                 name = name.lower()
                 if name == b"content-length":
                     length = value
-                elif name in (b"connection", b"transfer-encoding"):
+                elif name == b"connection" or name == b"transfer-encoding":
                     return False
+                parts += (name, b": ", value, b"\r\n")
             if length is None:
                 return False
             if bad_name(b"".join(name for name, _ in headers)):
@@ -226,9 +228,6 @@ def coalescing_cycle(impl: Any) -> type:
             self.chunked_encoding = False
             self.response_started = True
             self.waiting_for_100_continue = False
-            parts = [status_line[message["status"]]]
-            for name, value in headers:
-                parts += (name.lower(), b": ", value, b"\r\n")
             parts.append(b"\r\n")
             self._held = b"".join(parts)
             return True
