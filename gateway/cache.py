@@ -23,6 +23,7 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from email.utils import formatdate
+from typing import Any
 
 from gateway.errors import UpstreamError
 from gateway.settings import CacheSettings
@@ -40,6 +41,9 @@ class Entry:
     fetched_at: float  # wall clock
     ttl: float
     last_modified: bytes  # precomputed HTTP-date of fetched_at
+    # The proxy's answer head for this entry, kept for as long as it stays the same (a second
+    # at most: Age and the freshness fields count seconds); see Proxy._answer_headers.
+    answer_memo: Any = None
 
     @property
     def size(self) -> int:

@@ -18,7 +18,7 @@ from gateway.allowlist import Resource, classify, vars_resource
 from gateway.auth import Principal
 from gateway.cache import Lookup, ResponseCache
 from gateway.errors import GatewayError, RequestRejected
-from gateway.responses import Header, send_bytes, send_problem
+from gateway.responses import JSON, Header, send_prepared, send_problem
 from gateway.settings import Settings
 from gateway.upstream import Fetched, UpstreamClient
 
@@ -79,7 +79,8 @@ class Proxy:
             await send_problem(send, exc, head=head)
             return
         scope.setdefault("state", {})["gateway.cache"] = lookup.cache_status
-        await send_bytes(send, lookup.entry.status, lookup.entry.body, self._headers(lookup), head=head)
+        entry = lookup.entry
+        await send_prepared(send, entry.status, self._answer_headers(lookup), b"" if head else entry.body)
 
     def resolve(self, scope: Scope) -> Resource:
         raw_path: bytes = scope.get("raw_path") or scope["path"].encode()
@@ -119,11 +120,33 @@ class Proxy:
         except (ValueError, TypeError, KeyError, StopIteration, AttributeError):
             pass  # a DeviceList without a PVS entry still serves its callers
 
+    def _answer_headers(self, lookup: Lookup) -> list[Header]:
+        """The answer's fields; the same list for every hit on an entry within one second.
+
+        Everything in it is a function of the entry, the whole seconds of its age and the
+        Cache-Status text (which also counts whole seconds), so a poller's burst of hits
+        shares one list instead of encoding six fields per request. Layers further out
+        copy it before adding their own fields.
+        """
+        entry = lookup.entry
+        age = int(lookup.age)
+        memo = entry.answer_memo
+        if memo is not None and memo[0] == age and memo[1] == lookup.cache_status and lookup.error is None:
+            return memo[2]
+        headers = [
+            (b"content-type", JSON),
+            (b"content-length", b"%d" % len(entry.body)),
+            *self._headers(lookup),
+        ]
+        if lookup.error is None:
+            entry.answer_memo = (age, lookup.cache_status, headers)
+        return headers
+
     def _headers(self, lookup: Lookup) -> list[Header]:
         entry = lookup.entry
         fresh_for = max(0, int(entry.ttl - lookup.age))
         headers: list[Header] = [
-            (b"age", str(int(lookup.age)).encode()),
+            (b"age", b"%d" % int(lookup.age)),
             (b"cache-status", lookup.cache_status.encode()),
             (b"cache-control", b"private, max-age=%d" % fresh_for),
             (b"last-modified", entry.last_modified),

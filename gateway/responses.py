@@ -26,6 +26,12 @@ async def send_bytes(
     await send({"type": "http.response.body", "body": b"" if head else body})
 
 
+async def send_prepared(send: Send, status: int, headers: list[Header], body: bytes) -> None:
+    """An answer whose fields (Content-Type and Content-Length included) are already made."""
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
 def problem_headers(exc: GatewayError) -> list[Header]:
     headers = [(k.lower().encode(), v.encode()) for k, v in exc.headers]
     if isinstance(exc, UpstreamError):
