@@ -22,6 +22,7 @@ _DEFAULT_SECURITY = (
     (b"cross-origin-resource-policy", b"same-origin"),
 )
 _DEFAULT_CSP = (b"content-security-policy", b"default-src 'none'; frame-ancestors 'none'")
+_SECURITY_NAMES = frozenset(name for name, _ in (*_DEFAULT_SECURITY, _DEFAULT_CSP, (b"strict-transport-security", b"")))
 
 
 class GuardMiddleware:
@@ -31,9 +32,12 @@ class GuardMiddleware:
         self.max_header_count = settings.max_header_count
         self.max_header_bytes = settings.max_header_bytes
         hsts = [(b"strict-transport-security", b"max-age=%d" % settings.hsts_max_age)] if settings.hsts_max_age else []
-        # Precomputed once: the headers every answer carries, by scheme.
+        # Precomputed once: the headers every answer carries, by scheme, and the same with
+        # the default CSP for answers that set none of them (all but the dashboard's pages).
         self.secure_http = list(_DEFAULT_SECURITY)
         self.secure_https = [*_DEFAULT_SECURITY, *hsts]
+        self.all_http = [_DEFAULT_CSP, *self.secure_http]
+        self.all_https = [_DEFAULT_CSP, *self.secure_https]
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -46,17 +50,24 @@ class GuardMiddleware:
         state = scope.setdefault("state", {})
         # Inner middlewares (rate limits) add response headers here instead of wrapping send again.
         extra: list[tuple[bytes, bytes]] = state.setdefault("gateway.headers", [])
-        secure = self.secure_https if scope.get("scheme") == "https" else self.secure_http
+        https = scope.get("scheme") == "https"
+        secure = self.secure_https if https else self.secure_http
+        every = self.all_https if https else self.all_http
         request_id = state.get("request_id", "").encode()
 
         async def send_secured(message: Message) -> None:
             if message["type"] == "http.response.start":
                 state["gateway.status"] = message["status"]
                 headers = list(message.get("headers", ()))
-                names = {name for name, _ in headers}
-                if b"content-security-policy" not in names:
-                    headers.append(_DEFAULT_CSP)
-                headers += [h for h in secure if h[0] not in names]
+                for name, _ in headers:
+                    if name in _SECURITY_NAMES:  # the answer set some itself: fill in only the others
+                        names = {name for name, _ in headers}
+                        if b"content-security-policy" not in names:
+                            headers.append(_DEFAULT_CSP)
+                        headers += [h for h in secure if h[0] not in names]
+                        break
+                else:
+                    headers += every
                 headers += extra
                 if request_id:
                     headers.append((b"x-request-id", request_id))
