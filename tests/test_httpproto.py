@@ -119,7 +119,13 @@ def test_other_answers_keep_uvicorns_own_path(headers: list[tuple[bytes, bytes]]
 
 @pytest.mark.parametrize(
     "bad",
-    [[*LENGTH, (b"x-bad", b"a\r\nset-cookie: forged=1")], [*LENGTH, (b"bad name", b"v")]],
+    [
+        [*LENGTH, (b"x-bad", b"a\r\nset-cookie: forged=1")],
+        [*LENGTH, (b"x-bad", b"a\nforged")],
+        [*LENGTH, (b"x-bad", b"a\rforged")],
+        [*LENGTH, (b"x-bad", b"a\x00forged")],
+        [*LENGTH, (b"bad name", b"v")],
+    ],
 )
 def test_header_checks_still_refuse_injection(bad: list[tuple[bytes, bytes]]) -> None:
     t = _serve(_app(bad), GET)
