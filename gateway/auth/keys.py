@@ -537,12 +537,12 @@ class KeyStore:
         if entry is None or not matches:
             return None
         record = entry[0]
-        now = now or _now()  # one clock read serves the expiry check and the last-used time
+        now = _now() if now is None else _utc(now)  # one clock read serves the expiry check and the last-used time
         status = record.status(now)
         if status != "active":
             log.debug("key %s (%s) refused: %s", kid, record.name, status)
             return None
-        self.record_use(kid, now)
+        self._note_use(kid, now)
         return record
 
     def lookup(self, kid: str, now: datetime | None = None) -> KeyRecord | None:
@@ -574,7 +574,10 @@ class KeyStore:
 
     def record_use(self, kid: str, now: datetime | None = None) -> None:
         """Note a use in memory; ``flush_usage`` writes it out later."""
-        when = _utc(now or _now())
+        self._note_use(kid, _utc(now or _now()))
+
+    def _note_use(self, kid: str, when: datetime) -> None:
+        # ``when`` is an aware UTC time already: verify() reads the clock once for everything.
         with self._usage_lock:
             self._usage[kid] = when
             self._dirty = True
