@@ -13,6 +13,7 @@ import difflib
 import importlib.util
 import ipaddress
 import os
+import re
 import tomllib
 import types
 import typing
@@ -494,6 +495,9 @@ def load_or_raise(config_path: str | Path | None = None, **kwargs: Any) -> Setti
 # ---------------------------------------------------------------- cross-field checks
 
 
+_TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # an HTTP field name (RFC 9110 token)
+
+
 def validate(s: Settings) -> list[str]:
     """Problems that involve more than one field."""
     problems: list[str] = []
@@ -512,6 +516,18 @@ def validate(s: Settings) -> list[str]:
         problems.append("upstream.serial: must have at least 5 characters")
     if s.server.root_path and (not s.server.root_path.startswith("/") or s.server.root_path.endswith("/")):
         problems.append("server.root_path: must start with '/' and not end with one (e.g. \"/pvs\")")
+    for name in ("proxy_user_header", "proxy_groups_header"):
+        value = getattr(s.server, name)
+        if value and not _TOKEN.fullmatch(value.strip()):
+            problems.append(f"server.{name}: {value!r} is not a header field name")
+    if s.server.proxy_user_header and not s.server.trusted_proxies:
+        # Fail-closed already (the header is believed from trusted proxies only), but silently so.
+        problems.append(
+            "server.proxy_user_header: the header is believed only from server.trusted_proxies, which is empty; "
+            "add your auth proxy's address there, or leave proxy_user_header empty"
+        )
+    if s.server.proxy_groups_header and not s.server.proxy_user_header:
+        problems.append("server.proxy_groups_header: needs server.proxy_user_header (groups come with a user)")
     for method in s.auth.methods:
         if method not in ("api_key", "oidc"):
             problems.append(f"auth.methods: unknown method {method!r} (use \"api_key\" and/or \"oidc\")")

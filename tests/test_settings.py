@@ -98,3 +98,17 @@ def test_version_and_usage_errors() -> None:
     assert out.returncode == 0 and out.stdout.startswith("pvs-gateway ")
     bad = subprocess.run([sys.executable, "-m", "gateway", "serve", "--port", "x"], capture_output=True, text=True)
     assert bad.returncode == 2 and "Traceback" not in bad.stderr
+
+
+def test_front_proxy_headers_need_a_trusted_proxy(tmp_path: Path) -> None:
+    cfg = tmp_path / "c.toml"
+    cfg.write_text('[server]\nproxy_user_header = "Remote-User"\n')
+    _, problems = load(cfg, environ={})
+    assert any(p.startswith("server.proxy_user_header: the header is believed only from") for p in problems), problems
+    cfg.write_text('[server]\nproxy_groups_header = "Remote Groups"\n')
+    _, problems = load(cfg, environ={})
+    assert any(p.startswith("server.proxy_groups_header: 'Remote Groups' is not a header field name") for p in problems)
+    assert any(p.startswith("server.proxy_groups_header: needs server.proxy_user_header") for p in problems)
+    cfg.write_text('[server]\nproxy_user_header = "Remote-User"\ntrusted_proxies = ["127.0.0.1/32"]\n')
+    _, problems = load(cfg, environ={})
+    assert problems == []
