@@ -72,13 +72,13 @@ def targets(r: dict[str, Any]) -> list[tuple[str, str, bool | str | None]]:
                              f"{g['requests_per_cpu_s'] / o['requests_per_cpu_s']:.2f} ×"), g["rps"] > o["rps"]))
         nl = s16.get("gateway-nolimit")
         if nl:
-            # "Not measurable": the two targets' runs overlap (the slowest run without limits is no faster
-            # than the fastest with them), the spread of runs being this machine's noise.
+            # "Measurable" is taken as more than 2% between the medians: about the spread of one
+            # target's runs on a quiet machine here. Overlapping ranges alone would pass a noisy run.
             cost = 1 - g["rps"] / nl["rps"]
-            rows.append(("(issue 7) Checking a limit does not measurably lower cached-hit throughput (16 conns)",
+            rows.append(("(issue 7) Checking a limit does not measurably lower cached-hit throughput (≤ 2%, 16 conns)",
                          (f"{cost:+.1%} (gateway {g['rps']:.0f} [{g['rps_min']:.0f}–{g['rps_max']:.0f}] vs rate limits off "
                           f"{nl['rps']:.0f} [{nl['rps_min']:.0f}–{nl['rps_max']:.0f}] req/s)"),
-                         nl["rps_min"] <= g["rps_max"]))
+                         cost <= 0.02))
         added = g["p99_ms"] - b["p99_ms"]
         rows.append(("Added p99 on a cache hit ≤ 1 ms over the ceiling (16 conns, closed loop)",
                      f"{added:+.2f} ms (p99 {g['p99_ms']:.2f} vs {b['p99_ms']:.2f} ms; p50 {g['p50_ms'] - b['p50_ms']:+.2f} ms)",
