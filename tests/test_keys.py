@@ -173,6 +173,16 @@ def test_expired_key_fails(keys_file: Path) -> None:
     assert listed[0]["status"] == "expired"
 
 
+def test_a_key_remembered_as_verified_still_expires(keys_file: Path) -> None:
+    record, key = add_key(keys_file, "brief", expires_days=3 / 86400)  # three seconds
+    store = KeyStore(keys_file)
+    assert store.verify(key) is not None
+    assert store.verify(key) is not None  # now from the cache of verified keys
+    assert record.expires is not None
+    time.sleep(max(0.0, record.expires.timestamp() - time.time()) + 0.1)
+    assert store.verify(key) is None
+
+
 def test_revoked_key_fails_and_sessions_lookup_too(keys_file: Path) -> None:
     record, key = add_key(keys_file, "phone")
     _, other = add_key(keys_file, "laptop")

@@ -32,6 +32,7 @@ import hashlib
 import hmac
 import json
 import logging
+import math
 import os
 import re
 import secrets
@@ -467,10 +468,15 @@ class KeyStore:
         self.state_path = state_path_for(self.path)
         self.flush_interval = flush_interval
         self._index: dict[str, tuple[KeyRecord, bytes]] = {}
-        self._principals: dict[KeyRecord, Principal] = {}
+        # The index with its cache of keys already verified against it (SHA-256 digest ->
+        # (record, expiry as a timestamp)), swapped together in one assignment: a key verified
+        # against an index that a reload just replaced lands in that old index's cache, never
+        # in the new one, so a revoked key cannot outlive the reload that removed it.
+        self._current: tuple[dict[str, tuple[KeyRecord, bytes]], dict[bytes, tuple[KeyRecord, float]]] = ({}, {})
+        self._principals: dict[str, tuple[KeyRecord, Principal]] = {}
         # None: never looked; "missing": no file; else (inode, mtime_ns, size).
         self._signature: object = None
-        self._usage: dict[str, datetime] = {}
+        self._usage: dict[str, float] = {}  # kid -> last use, seconds since the epoch
         self._dirty = False
         self._usage_lock = threading.Lock()
         self._flush_lock = threading.Lock()
@@ -491,7 +497,7 @@ class KeyStore:
                 return False
             had_keys = bool(self._index)
             self._signature = "missing"
-            self._index = {}
+            self._set_index({})
             if had_keys:
                 log.warning("key file %s is gone: no API keys are accepted", self.path)
             else:
@@ -518,20 +524,39 @@ class KeyStore:
                 len(self._index),
             )
             return False
-        self._index = {r.id: (r, bytes.fromhex(r.hash[len(HASH_SCHEME) :])) for r in records}
+        self._set_index({r.id: (r, bytes.fromhex(r.hash[len(HASH_SCHEME) :])) for r in records})
         log.info("loaded %d API keys from %s", len(records), self.path)
         return True
+
+    def _set_index(self, index: dict[str, tuple[KeyRecord, bytes]]) -> None:
+        self._current = (index, {})
+        self._index = index
 
     # -- the hot path
 
     def verify(self, presented: str, now: datetime | None = None) -> KeyRecord | None:
         """The record of a valid, active key, else None (malformed, unknown, wrong,
-        expired and revoked all look the same to the caller). Records the use."""
-        kid = key_id(presented) if isinstance(presented, str) else None
+        expired and revoked all look the same to the caller). Records the use.
+
+        A key that verified once is found again by its SHA-256 digest (a poller presents
+        the same key on every request), skipping the parse and the clock conversions;
+        its expiry is still checked every time, and a reload empties the cache.
+        """
+        if not isinstance(presented, str):
+            return None
+        index, verified = self._current
+        digest = hashlib.sha256(presented.encode("utf-8", "replace")).digest()
+        if now is None:
+            known = verified.get(digest)
+            if known is not None:
+                t = time.time()
+                if t < known[1]:
+                    self._note_use(known[0].id, t)
+                    return known[0]
+        kid = key_id(presented)
         if kid is None:
             return None
-        digest = hashlib.sha256(presented.encode("ascii")).digest()
-        entry = self._index.get(kid)
+        entry = index.get(kid)
         # Always one constant-time compare, so timing does not tell unknown from wrong.
         matches = hmac.compare_digest(digest, entry[1] if entry else _DUMMY_DIGEST)
         if entry is None or not matches:
@@ -542,7 +567,9 @@ class KeyStore:
         if status != "active":
             log.debug("key %s (%s) refused: %s", kid, record.name, status)
             return None
-        self._note_use(kid, now)
+        if len(verified) < 4 * len(index) + 64 and record.revoked is None:
+            verified[digest] = (record, record.expires.timestamp() if record.expires is not None else math.inf)
+        self._note_use(kid, now.timestamp())
         return record
 
     def lookup(self, kid: str, now: datetime | None = None) -> KeyRecord | None:
@@ -557,27 +584,29 @@ class KeyStore:
 
     def principal(self, record: KeyRecord) -> Principal:
         # Records are immutable and replaced on reload, so one Principal per record serves every request.
-        cached = self._principals.get(record)
-        if cached is None:
-            if len(self._principals) > 4 * len(self) + 64:
-                self._principals.clear()
-            cached = self._principals[record] = Principal(
-                id=f"key:{record.id}",
-                name=record.name,
-                role=record.role,
-                method="api_key",
-                rate_limit=record.rate_limit,
-            )
-        return cached
+        # Looked up by id (a str, its hash cached) and checked to be the same record object.
+        cached = self._principals.get(record.id)
+        if cached is not None and cached[0] is record:
+            return cached[1]
+        if len(self._principals) > 4 * len(self) + 64:
+            self._principals.clear()
+        principal = Principal(
+            id=f"key:{record.id}",
+            name=record.name,
+            role=record.role,
+            method="api_key",
+            rate_limit=record.rate_limit,
+        )
+        self._principals[record.id] = (record, principal)
+        return principal
 
     # -- last used
 
     def record_use(self, kid: str, now: datetime | None = None) -> None:
         """Note a use in memory; ``flush_usage`` writes it out later."""
-        self._note_use(kid, _utc(now or _now()))
+        self._note_use(kid, _utc(now or _now()).timestamp())
 
-    def _note_use(self, kid: str, when: datetime) -> None:
-        # ``when`` is an aware UTC time already: verify() reads the clock once for everything.
+    def _note_use(self, kid: str, when: float) -> None:
         with self._usage_lock:
             self._usage[kid] = when
             self._dirty = True
@@ -596,7 +625,7 @@ class KeyStore:
             try:
                 merged = _read_state(self.path)
                 for kid, when in usage.items():
-                    iso = _iso(when)
+                    iso = _iso(datetime.fromtimestamp(when, UTC))
                     assert iso is not None
                     # ISO-8601 UTC strings in one format sort as times do.
                     if iso > merged.get(kid, ""):
