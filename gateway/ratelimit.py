@@ -143,7 +143,7 @@ class LocalWindows:
 
 class RateLimiter:
     def __init__(self, settings: RateLimitSettings) -> None:
-        self._local = LocalWindows() if settings.storage.startswith("memory://") else None
+        self.local = LocalWindows() if settings.storage.startswith("memory://") else None
         # Failed credentials seen by this process, by IP: with local storage, an IP absent
         # here cannot be blocked, so the per-request gate check needs no call into limits.
         self._failed_at: dict[str, float] = {}
@@ -172,12 +172,14 @@ class RateLimiter:
 
     def check_now(self, policy: Policy, key: str) -> Verdict | None:
         """The check without an await, when counters are in this process; None when they are not."""
-        if self._local is None:
+        if self.local is None:
             return None
-        allowed, remaining, reset_in = self._local.hit(policy, key, policy.quota, policy.window)
-        if not allowed:
-            self.rejections[policy.name] = self.rejections.get(policy.name, 0) + 1
-        return Verdict(allowed, policy, remaining, reset_in)
+        allowed, remaining, reset_in = self.local.hit(policy, key, policy.quota, policy.window)
+        return Verdict(True, policy, remaining, reset_in) if allowed else self.refused(policy, remaining, reset_in)
+
+    def refused(self, policy: Policy, remaining: int, reset_in: int) -> Verdict:
+        self.rejections[policy.name] = self.rejections.get(policy.name, 0) + 1
+        return Verdict(False, policy, remaining, reset_in)
 
     async def check(self, policy: Policy, key: str) -> Verdict:
         verdict = self.check_now(policy, key)
@@ -208,7 +210,7 @@ class RateLimiter:
         """False when ``ip`` certainly is not blocked; decided without an await, for every request."""
         if self.auth_failures is None:
             return False
-        if self._local is not None:
+        if self.local is not None:
             last = self._failed_at.get(ip)
             if last is None or time.monotonic() - last > self.auth_failures.get_expiry():
                 return False  # no failure from this IP within the window: it cannot be blocked
@@ -251,11 +253,20 @@ class RateLimitMiddleware:
         if policy is None:
             await self.app(scope, receive, send)
             return
-        verdict = self.limiter.check_now(policy, key) or await self.limiter.check(policy, key)
-        if not verdict.allowed:
-            problem = verdict.problem()
-            state["gateway.detail"] = problem.detail
-            await send_problem(send, problem, head=scope["method"] == "HEAD")
-            return
-        state.setdefault("gateway.headers", []).extend(verdict.headers())
-        await self.app(scope, receive, send)
+        local = self.limiter.local
+        if local is not None:  # in-process counters: no await, and no Verdict unless refused
+            allowed, remaining, reset_in = local.hit(policy, key, policy.quota, policy.window)
+            if allowed:
+                state.setdefault("gateway.headers", []).extend(policy.fields(remaining, reset_in))
+                await self.app(scope, receive, send)
+                return
+            verdict = self.limiter.refused(policy, remaining, reset_in)
+        else:
+            verdict = await self.limiter.check(policy, key)
+            if verdict.allowed:
+                state.setdefault("gateway.headers", []).extend(verdict.headers())
+                await self.app(scope, receive, send)
+                return
+        problem = verdict.problem()
+        state["gateway.detail"] = problem.detail
+        await send_problem(send, problem, head=scope["method"] == "HEAD")
