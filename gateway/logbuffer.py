@@ -8,13 +8,15 @@ writer keeps the format the CLI's logging uses
 per second, and writes what accumulated as one ``write`` when 32 KiB are
 waiting or half a second after the first waiting line, whichever comes first;
 nginx's ``access_log ... buffer= flush=`` does the same. Lines still waiting
-are written when the gateway stops (the app's lifespan calls ``close``); a
-process killed outright loses at most the last half second of access lines.
+are written when the gateway stops (the app's lifespan calls ``close``; after
+that, lines are written one by one) or when the interpreter exits; a process
+killed outright loses at most the last half second of access lines.
 """
 
 from __future__ import annotations
 
 import asyncio
+import atexit
 import logging
 import time
 from collections.abc import Callable
@@ -44,6 +46,8 @@ class LineBuffer:
         self._stamp = ""
         self._timer: asyncio.TimerHandle | None = None
         self._failed = False
+        self._closed = False
+        atexit.register(self.flush)  # an exit that skips the lifespan's close still writes what waits
 
     def add(self, message: str) -> None:
         now = self._clock()
@@ -54,7 +58,7 @@ class LineBuffer:
         line = f"{self._stamp},{int((now - second) * 1000):03d}{self._tag}{message}\n"
         self._lines.append(line)
         self._size += len(line)
-        if self._size >= self._max_bytes:
+        if self._size >= self._max_bytes or self._closed:
             self.flush()
         elif self._timer is None:
             try:
@@ -80,4 +84,7 @@ class LineBuffer:
                 log.error("access log lines could not be written (%s); further failures are not reported", exc)
 
     def close(self) -> None:
+        """Write what waits; lines added later (requests finishing after shutdown) are written at once."""
+        self._closed = True
         self.flush()
+        atexit.unregister(self.flush)

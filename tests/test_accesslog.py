@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 import logging
@@ -57,6 +58,21 @@ def test_size_threshold_writes_once_per_batch() -> None:
     assert len(writes) == 1 and writes[0].count("\n") == 31
     buf.close()
     assert len(writes) == 1  # nothing left to write
+
+
+def test_lines_after_close_are_written_at_once() -> None:
+    stream = io.StringIO()
+    buf = LineBuffer(stream, clock=FakeClock())
+
+    async def shutdown_then_a_late_request() -> None:
+        buf.add("before")
+        assert stream.getvalue() == ""  # batched: waits for the timer
+        buf.close()
+        assert stream.getvalue().endswith("before\n")
+        buf.add("late line")  # a request that finished after the lifespan's shutdown
+        assert stream.getvalue().endswith("late line\n")  # not left to a timer that may never run
+
+    asyncio.run(shutdown_then_a_late_request())
 
 
 def test_write_failures_are_reported_once_and_never_raise(caplog: pytest.LogCaptureFixture) -> None:
