@@ -163,7 +163,7 @@ def create_app(
             style=settings.server.access_log,
             per_identity=parts.per_identity,
             observe=observed.observe,
-            write=access_lines.add if access_lines is not None else None,
+            write_later=access_lines.add_later if access_lines is not None else None,
         ),
         Middleware(ForwardedMiddleware, trusted=parse_networks(settings.server.trusted_proxies), root_path=settings.server.root_path),
         Middleware(GuardMiddleware, settings=settings.server),

@@ -42,22 +42,40 @@ def test_lines_match_the_logging_format() -> None:
     assert stream.getvalue() == reference.getvalue()
 
 
-def test_size_threshold_writes_once_per_batch() -> None:
+def test_a_full_batch_is_written_in_one_write_and_formatted_then() -> None:
     writes: list[str] = []
+    formatted: list[int] = []
 
     class Stream(io.StringIO):
         def write(self, text: str) -> int:
             writes.append(text)
             return len(text)
 
-    buf = LineBuffer(Stream(), clock=FakeClock(), max_bytes=1000)
-    for i in range(30):  # no running loop here: each line would be written at once, so use the size path
-        buf._lines.append(f"line {i}\n")
-        buf._size += 7
-    buf.add("x" * 1000)
-    assert len(writes) == 1 and writes[0].count("\n") == 31
-    buf.close()
-    assert len(writes) == 1  # nothing left to write
+    def line(n: int) -> str:
+        formatted.append(n)
+        return f"line {n}"
+
+    buf = LineBuffer(Stream(), clock=FakeClock(), max_lines=30)
+
+    async def requests() -> None:
+        for i in range(29):
+            buf.add_later(line, i)
+        assert writes == [] and formatted == []  # waiting, not yet formatted
+        buf.add_later(line, 29)
+        assert len(writes) == 1 and writes[0].count("\n") == 30 and formatted == list(range(30))
+        buf.close()
+        assert len(writes) == 1  # nothing left to write
+
+    asyncio.run(requests())
+
+
+def test_a_line_that_fails_to_format_does_not_lose_its_batch() -> None:
+    stream = io.StringIO()
+    buf = LineBuffer(stream, clock=FakeClock())
+    buf._lines.append((1_800_000_000.0, lambda: 1 / 0, ()))  # as add_later would queue it
+    buf.add_later(str, "the next line")
+    assert "access line not formatted: ZeroDivisionError" in stream.getvalue()
+    assert stream.getvalue().endswith("the next line\n")
 
 
 def test_lines_after_close_are_written_at_once() -> None:

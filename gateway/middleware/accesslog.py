@@ -7,7 +7,8 @@ travel in them (the gateway accepts none there). A field with anything but
 printable ASCII (a percent-decoded ``%0a`` in a path, say) is written as a
 JSON string, so a client cannot forge or split log lines.
 
-Lines go to ``write`` (the CLI passes a ``gateway.logbuffer.LineBuffer``),
+Lines go to ``write_later(format, *fields)`` (the CLI passes
+``gateway.logbuffer.LineBuffer.add_later``, which formats them in batches),
 else to the ``gateway.access`` logger.
 """
 
@@ -37,12 +38,13 @@ class AccessLogMiddleware:
         style: str,
         per_identity: dict[str, dict[str, int]],
         observe: Callable[[Scope, dict, int, float], None] | None = None,
-        write: Callable[[str], None] | None = None,
+        write_later: Callable[..., None] | None = None,
     ) -> None:
         self.app = app
         # Decided once: the level cannot change while serving.
         self.style = style if log.isEnabledFor(logging.INFO) else "off"
-        self.write = write or log.info
+        self.write_later = write_later or _log_now
+        self.format = _json_line if style == "json" else _text_line
         self.per_identity = per_identity
         # Request metrics ride on this middleware's timing instead of wrapping every request again.
         self.observe = observe
@@ -77,45 +79,70 @@ class AccessLogMiddleware:
         identity = principal.id if principal is not None else "-"
         counts = self.per_identity.get(identity)
         if counts is None:
-            if len(self.per_identity) >= 1000:
-                identity = "other"  # unbounded identities (anonymous IPs) must not grow memory
-            counts = self.per_identity.setdefault(identity, {"requests": 0, "errors": 0})
+            # Unbounded identities (anonymous IPs) must not grow memory: past 1000, one bucket.
+            bucket = identity if len(self.per_identity) < 1000 else "other"
+            counts = self.per_identity.setdefault(bucket, {"requests": 0, "errors": 0})
         counts["requests"] += 1
         if status >= 400:
             counts["errors"] += 1
         if self.style == "off":
             return
-        client = scope["client"][0] if scope.get("client") else "-"  # an IP address: needs no quoting
-        path = scope["path"]  # the full path: it includes root_path (Starlette's convention)
-        query = scope.get("query_string", b"")
-        target = f"{path}?{query.decode('latin-1')}" if query else path
-        name = principal.name if principal is not None else "-"
-        cache = state.get("gateway.cache", "-")
-        detail = state.get("gateway.detail")
-        if self.style == "json":
-            fields = {
-                "request_id": request_id,
-                "client": client,
-                "identity": identity,
-                "name": name,
-                "method": scope["method"],
-                "target": target[:512],
-                "status": status,
-                "duration_ms": round(duration * 1000, 2),
-                "cache": cache,
-            }
-            if detail is not None:
-                fields["detail"] = detail
-            self.write(json.dumps(fields, separators=(",", ":")))
-            return
-        line = (
-            f"request_id={request_id} client={client} identity={_quote(identity)} name={_quote(name)} "
-            f"method={scope['method']} target={_quote(target[:512])} status={status} "
-            f"duration_ms={duration * 1000:.2f} cache={_quote(cache)}"
+        # Only the fields are taken now; the line is made later, with the rest of its batch.
+        self.write_later(
+            self.format,
+            request_id,
+            scope["client"][0] if scope.get("client") else "-",
+            identity,
+            principal.name if principal is not None else "-",
+            scope["method"],
+            scope["path"],  # the full path: it includes root_path (Starlette's convention)
+            scope.get("query_string", b""),
+            status,
+            duration,
+            state.get("gateway.cache", "-"),
+            state.get("gateway.detail"),
         )
-        if detail is not None:
-            line += f" detail={_quote(detail)}"
-        self.write(line)
+
+
+def _log_now(format: Callable[..., str], *fields: object) -> None:
+    log.info(format(*fields))
+
+
+def _target(path: str, query: bytes) -> str:
+    return (f"{path}?{query.decode('latin-1')}" if query else path)[:512]
+
+
+def _text_line(
+    request_id: str, client: str, identity: str, name: str, method: str, path: str, query: bytes,
+    status: int, duration: float, cache: str, detail: str | None,
+) -> str:
+    # client is an IP address and method an HTTP token: neither needs quoting.
+    line = (
+        f"request_id={request_id} client={client} identity={_quote(identity)} name={_quote(name)} "
+        f"method={method} target={_quote(_target(path, query))} status={status} "
+        f"duration_ms={duration * 1000:.2f} cache={_quote(cache)}"
+    )
+    return line if detail is None else f"{line} detail={_quote(detail)}"
+
+
+def _json_line(
+    request_id: str, client: str, identity: str, name: str, method: str, path: str, query: bytes,
+    status: int, duration: float, cache: str, detail: str | None,
+) -> str:
+    fields: dict[str, object] = {
+        "request_id": request_id,
+        "client": client,
+        "identity": identity,
+        "name": name,
+        "method": method,
+        "target": _target(path, query),
+        "status": status,
+        "duration_ms": round(duration * 1000, 2),
+        "cache": cache,
+    }
+    if detail is not None:
+        fields["detail"] = detail
+    return json.dumps(fields, separators=(",", ":"))
 
 
 def _quote(text: str) -> str:
