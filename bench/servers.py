@@ -161,13 +161,15 @@ def static_upstream(workdir: Path, body_file: Path) -> Proc:
     return p
 
 
-def nginx_proxy(workdir: Path, upstream: str, cert: Path, key: Path, *, cpus: str = SUT_CPUS) -> Proc:
-    """nginx as a plain TLS reverse proxy in front of ``upstream``: every request goes through (no cache)."""
+def _nginx_tls_proxy(name: str, workdir: Path, upstream: str, cert: Path, key: Path, cpus: str, *,
+                     http_extra: str = "", location_extra: str = "") -> Proc:
+    """nginx terminating TLS (the gateway's self-signed leaf) and proxying to ``upstream`` over kept-alive HTTP/1.1."""
     workdir = workdir.resolve()
     port = free_port()
     up = upstream.split("://", 1)[1]
     block = (
         f"  access_log {workdir}/access.log;\n"
+        f"{http_extra}"
         f"  upstream pvs {{ server {up}; keepalive 8; }}\n"
         "  keepalive_requests 1000000;\n"
         f"  server {{\n    listen {HOST}:{port} ssl;\n"
@@ -176,46 +178,37 @@ def nginx_proxy(workdir: Path, upstream: str, cert: Path, key: Path, *, cpus: st
         "      proxy_pass http://pvs;\n"
         "      proxy_http_version 1.1;\n"
         "      proxy_set_header Connection \"\";\n"
+        f"{location_extra}"
         "    }\n"
         "  }\n"
     )
-    p = _nginx("nginx-proxy", workdir, block, cpus)
+    p = _nginx(name, workdir, block, cpus)
     p.url = f"https://{HOST}:{port}"
     wait_http(p.url + DEVICE_LIST, proc=p)
     return p
+
+
+def nginx_proxy(workdir: Path, upstream: str, cert: Path, key: Path, *, cpus: str = SUT_CPUS) -> Proc:
+    """nginx as a plain TLS reverse proxy in front of ``upstream``: every request goes through (no cache)."""
+    return _nginx_tls_proxy("nginx-proxy", workdir, upstream, cert, key, cpus)
 
 
 def nginx_cache(workdir: Path, upstream: str, cert: Path, key: Path, *, cpus: str = SUT_CPUS) -> Proc:
     """nginx with proxy_cache in front of ``upstream`` over TLS (the gateway's self-signed leaf)."""
-    workdir = workdir.resolve()
-    port = free_port()
-    up = upstream.split("://", 1)[1]
-    cache = workdir / "cache"
+    cache = workdir.resolve() / "cache"
     cache.mkdir(parents=True, exist_ok=True)
-    block = (
-        f"  access_log {workdir}/access.log;\n"
-        f"  proxy_cache_path {cache} levels=1:2 keys_zone=pvs:1m max_size=16m inactive=10m use_temp_path=off;\n"
-        f"  upstream pvs {{ server {up}; keepalive 8; }}\n"
-        "  keepalive_requests 1000000;\n"
-        f"  server {{\n    listen {HOST}:{port} ssl;\n"
-        f"    ssl_certificate {cert};\n    ssl_certificate_key {key};\n"
-        "    location / {\n"
-        "      proxy_pass http://pvs;\n"
-        "      proxy_http_version 1.1;\n"
-        "      proxy_set_header Connection \"\";\n"
-        "      proxy_cache pvs;\n"
-        "      proxy_cache_valid 200 1h;\n"
-        "      proxy_cache_lock on;\n"
-        "      proxy_cache_use_stale error timeout updating http_500 http_502 http_503 http_504;\n"
-        "      proxy_cache_background_update on;\n"
-        "      add_header Cache-Status $upstream_cache_status;\n"
-        "    }\n"
-        "  }\n"
+    return _nginx_tls_proxy(
+        "nginx", workdir, upstream, cert, key, cpus,
+        http_extra=f"  proxy_cache_path {cache} levels=1:2 keys_zone=pvs:1m max_size=16m inactive=10m use_temp_path=off;\n",
+        location_extra=(
+            "      proxy_cache pvs;\n"
+            "      proxy_cache_valid 200 1h;\n"
+            "      proxy_cache_lock on;\n"
+            "      proxy_cache_use_stale error timeout updating http_500 http_502 http_503 http_504;\n"
+            "      proxy_cache_background_update on;\n"
+            "      add_header Cache-Status $upstream_cache_status;\n"
+        ),
     )
-    p = _nginx("nginx", workdir, block, cpus)
-    p.url = f"https://{HOST}:{port}"
-    wait_http(p.url + DEVICE_LIST, proc=p)
-    return p
 
 
 # ------------------------------------------------------------------ Caddy
