@@ -81,7 +81,7 @@ class LineBuffer:
                 self._stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(second))
             try:
                 message = format(*args)
-            except Exception as exc:  # a bug in one line's formatting must not lose the batch
+            except Exception as exc:  # noqa: BLE001 - a bug in one line's formatting must not lose the batch
                 message = f"(access line not formatted: {exc!r})"
             out.append(f"{self._stamp},{int((now - second) * 1000):03d}{self._tag}{message}\n")
         try:

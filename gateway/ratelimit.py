@@ -1,7 +1,10 @@
 """Per-caller and per-IP rate limits, with the IETF RateLimit fields.
 
-Counting is done by the ``limits`` library (memory, or Redis so several
-gateway replicas share one budget). Each policy is announced with
+Counting uses the sliding-window-counter algorithm of the ``limits`` library:
+in this process by default (``LocalWindows``, the same algorithm without an
+await), or through ``limits`` with Redis so several gateway replicas share
+one budget; failed credentials always go through ``limits``' moving window.
+Each policy is announced with
 ``RateLimit-Policy: "caller";q=60;w=60`` and the remaining quota with
 ``RateLimit: "caller";r=59;t=30`` (draft-ietf-httpapi-ratelimit-headers-11);
 a 429 adds ``Retry-After`` and a problem body naming the violated policy.
@@ -14,7 +17,10 @@ import time
 from collections.abc import Callable, Hashable
 
 import limits
-from limits.aio.strategies import MovingWindowRateLimiter, SlidingWindowCounterRateLimiter
+from limits.aio.strategies import (
+    MovingWindowRateLimiter,
+    SlidingWindowCounterRateLimiter,
+)
 from limits.storage import storage_from_string
 from starlette.types import ASGIApp, Receive, Scope, Send
 
@@ -46,7 +52,7 @@ def _async_uri(uri: str) -> str:
 class Policy:
     """One configured limit ("caller", "ip", a role's or a key's own), its header fields made once."""
 
-    __slots__ = ("item", "name", "quota", "window", "policy_field", "_tag")
+    __slots__ = ("_tag", "item", "name", "policy_field", "quota", "window")
 
     def __init__(self, name: str, item: limits.RateLimitItem) -> None:
         self.item = item
