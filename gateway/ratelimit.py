@@ -98,12 +98,20 @@ class LocalWindows:
     through ``limits``, whose algorithm this mirrors: the previous fixed
     window's count, weighted by how much of it still overlaps, plus the
     current window's count.
+
+    Credit: as time passes within a window the weighted count only falls (the
+    previous window weighs less), so the room found by one full computation is
+    a lower bound for the rest of that window. Up to that many requests in the
+    next second are admitted by decrementing it, without redoing the
+    arithmetic; the RateLimit ``r`` they report is at most a second's decay
+    below the exact value. Never more requests than the exact algorithm allows.
     """
 
     def __init__(self, clock: Callable[[], float] = time.time) -> None:
         self._clock = clock
-        # policy -> key -> [current window start, current count, previous count, window]. Per policy
-        # (a Policy object in the gateway), so the per-request lookup is by the key string alone.
+        # policy -> key -> [current window start, current count, previous count, window,
+        # credit valid until, credit]. Per policy (a Policy object in the gateway), so the
+        # per-request lookup is by the key string alone.
         self._tables: dict[Hashable, dict[str, list[float]]] = {}
         self._next_prune = 0.0
 
@@ -113,19 +121,26 @@ class LocalWindows:
         table = self._tables.get(policy)
         if table is None:
             table = self._tables[policy] = {}
-        start = now - now % window
         c = table.get(key)
+        if c is not None and now < c[4] and c[5] >= 1:  # credit left from the last full check
+            c[1] += 1
+            c[5] -= 1
+            return True, int(c[5]), math.ceil(c[0] + c[3] - now)
+        start = now - now % window
         if c is None or c[0] != start:
             previous = c[1] if c is not None and c[0] == start - window else 0.0
-            c = table[key] = [start, 0.0, previous, window]
+            c = table[key] = [start, 0.0, previous, window, 0.0, 0.0]
         elapsed = now - start
         weighted = c[2] * (window - elapsed) / window + c[1]
         if now >= self._next_prune:
             self._prune(now)
         if weighted + 1 <= amount:
             c[1] += 1
+            remaining = int(amount - weighted - 1)
+            c[4] = min(now + 1.0, start + window)  # the credit never crosses into the next window
+            c[5] = remaining
             # 0 <= elapsed < window, so the window ends in 1..window seconds.
-            return True, int(amount - weighted - 1), math.ceil(window - elapsed)
+            return True, remaining, math.ceil(window - elapsed)
         wait = self._wait(c, amount, window, elapsed)
         return False, max(0, int(amount - weighted)), max(1, min(2 * window, math.ceil(wait)))
 

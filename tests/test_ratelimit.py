@@ -133,3 +133,45 @@ def test_local_sliding_window_matches_the_algorithm_on_a_fake_clock() -> None:
     now[0] = 600 + 1000.0
     windows.hit("ip", "fresh", 5, 60)
     assert "k" not in windows._tables["caller"]
+
+
+def _exact_sliding_window(state: dict[str, list[float]], key: str, now: float, amount: int, window: int) -> tuple[bool, int]:
+    """The reference: limits' sliding-window counter, recomputed on every request."""
+    start = now - now % window
+    c = state.get(key)
+    if c is None or c[0] != start:
+        previous = c[1] if c is not None and c[0] == start - window else 0.0
+        c = state[key] = [start, 0.0, previous]
+    elapsed = now - start
+    weighted = c[2] * (window - elapsed) / window + c[1]
+    if weighted + 1 <= amount:
+        c[1] += 1
+        return True, int(amount - weighted - 1)
+    return False, max(0, int(amount - weighted))
+
+
+def test_credit_gives_the_exact_algorithms_decisions() -> None:
+    """Admitting on credit (no arithmetic for up to a second) decides exactly as recomputing would;
+    only the reported remaining quota may lag, and only downwards (never promising too much)."""
+    import random
+
+    from gateway.ratelimit import LocalWindows
+
+    rng = random.Random(7)
+    for amount, window in ((5, 60), (30, 10), (100, 60), (3, 1)):
+        now = [1000.0 * window]
+        windows = LocalWindows(clock=lambda: now[0])
+        reference: dict[str, list[float]] = {}
+        decisions = 0
+        for _ in range(3000):
+            pace = window / amount  # steps around the allowed pace: bursts, lulls, and everything between
+            now[0] += rng.choice((0.0, 0.0, 0.0, 0.1 * pace, 0.25 * pace, 0.5 * pace, pace, 2 * pace))
+            if rng.random() < 0.01:
+                now[0] += rng.choice((window / 2, 1.5 * window))  # a lull: the previous window decays
+            key = rng.choice(("a", "b"))
+            allowed, remaining, _ = windows.hit("caller", key, amount, window)
+            exact_allowed, exact_remaining = _exact_sliding_window(reference, key, now[0], amount, window)
+            assert allowed == exact_allowed, (amount, window, now[0], key)
+            assert remaining <= exact_remaining
+            decisions += not allowed
+        assert decisions > 0  # the timelines do reach the limits
