@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
-import hashlib
 import json
 import logging
 import socket
@@ -21,37 +20,20 @@ from pathlib import Path
 import httpcore
 import httpx
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 
 from gateway import pinning, tls
 from gateway.errors import UpstreamTLSError
+from gateway.simulator.tlscert import make_self_signed
 from tests.threaded_server import serve_in_thread
 
 
 def self_signed(directory: Path, cn: str) -> tuple[Path, Path, str]:
-    """A PVS-like self-signed certificate; returns (cert, key, colon-hex sha256 of its DER)."""
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
-    start = dt.datetime.now(dt.timezone.utc) - dt.timedelta(hours=1)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(start)
-        .not_valid_after(start + dt.timedelta(days=30))
-        .sign(key, hashes.SHA256())
-    )
+    """A PVS-like self-signed certificate (the simulator's kind); returns (cert, key, its sha256 fingerprint)."""
+    cert_pem, key_pem = make_self_signed(cn, [])
     cert_path, key_path = directory / f"{cn}.pem", directory / f"{cn}.key"
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    pkcs8 = serialization.PrivateFormat.PKCS8
-    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, pkcs8, serialization.NoEncryption()))
-    fp = hashlib.sha256(cert.public_bytes(serialization.Encoding.DER)).hexdigest()
-    return cert_path, key_path, ":".join(fp[i : i + 2] for i in range(0, 64, 2)).upper()
+    cert_path.write_bytes(cert_pem)
+    key_path.write_bytes(key_pem)
+    return cert_path, key_path, tls.fingerprint(cert_path)
 
 
 def server_context(cert: Path, key: Path) -> ssl.SSLContext:
