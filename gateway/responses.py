@@ -22,8 +22,7 @@ async def send_bytes(
     head: bool = False,
 ) -> None:
     raw = [(b"content-type", content_type), (b"content-length", str(len(body)).encode()), *headers]
-    await send({"type": "http.response.start", "status": status, "headers": raw})
-    await send({"type": "http.response.body", "body": b"" if head else body})
+    await send_prepared(send, status, raw, b"" if head else body)
 
 
 async def send_prepared(send: Send, status: int, headers: list[Header], body: bytes) -> None:
