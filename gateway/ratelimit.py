@@ -210,9 +210,8 @@ class RateLimiter:
         allowed = await self._window.hit(item, policy.name, key)
         stats = await self._window.get_window_stats(item, policy.name, key)
         reset_in = max(1, min(policy.window, math.ceil(stats.reset_time - time.time())))
-        if not allowed:
-            self.rejections[policy.name] = self.rejections.get(policy.name, 0) + 1
-        return Verdict(allowed, policy, max(0, stats.remaining), reset_in)
+        remaining = max(0, stats.remaining)
+        return Verdict(True, policy, remaining, reset_in) if allowed else self.refused(policy, remaining, reset_in)
 
     # ------------------------------------------------ failed credentials (brute force)
 
