@@ -64,9 +64,8 @@ ROUTES = {
 }
 
 
-def route_label(scope: Scope) -> str:
-    path: str = scope["path"]
-    root = scope.get("root_path", "")
+def route_label(path: str, root: str = "") -> str:
+    """The route a request's full path (``scope["path"]``, under ``root_path``) is counted under."""
     if root and path.startswith(root):
         path = path[len(root) :] or "/"
     label = ROUTES.get(path)
@@ -137,7 +136,7 @@ class RequestMetrics:
         pending, self._pending = self._pending, []
         counts = self.counts
         for path, root, role, status, duration in pending:
-            route = route_label({"path": path, "root_path": root})
+            route = route_label(path, root)
             key = (route, str(status), role)
             counts[key] = counts.get(key, 0) + 1
             self.latency.observe(route, duration)
