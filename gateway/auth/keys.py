@@ -467,7 +467,6 @@ class KeyStore:
         self.path = Path(path)
         self.state_path = state_path_for(self.path)
         self.flush_interval = flush_interval
-        self._index: dict[str, tuple[KeyRecord, bytes]] = {}
         # The index with its cache of keys already verified against it (SHA-256 digest ->
         # (record, expiry as a timestamp)), swapped together in one assignment: a key verified
         # against an index that a reload just replaced lands in that old index's cache, never
@@ -530,7 +529,10 @@ class KeyStore:
 
     def _set_index(self, index: dict[str, tuple[KeyRecord, bytes]]) -> None:
         self._current = (index, {})
-        self._index = index
+
+    @property
+    def _index(self) -> dict[str, tuple[KeyRecord, bytes]]:
+        return self._current[0]
 
     # -- the hot path
 
@@ -567,7 +569,7 @@ class KeyStore:
         if status != "active":
             log.debug("key %s (%s) refused: %s", kid, record.name, status)
             return None
-        if len(verified) < 4 * len(index) + 64 and record.revoked is None:
+        if len(verified) < 4 * len(index) + 64:  # "active" above: neither revoked nor expired
             verified[digest] = (record, record.expires.timestamp() if record.expires is not None else math.inf)
         self._note_use(kid, now.timestamp())
         return record
