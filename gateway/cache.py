@@ -104,14 +104,27 @@ class ResponseCache:
     def age(self, entry: Entry) -> float:
         return max(0.0, self._clock() - entry.stored)
 
-    async def get(self, key: str, ttl: float, fetch: Fetch) -> Lookup:
+    def fresh(self, key: str) -> Lookup | None:
+        """The lookup of a fresh entry, not yet counted (``count_hit`` does); None if missing or stale."""
         entry = self._entries.get(key)
         if entry is not None:
             age = self._clock() - entry.stored
             if age < entry.ttl:
-                self._entries.move_to_end(key)
-                self.stats.hits += 1
                 return Lookup(entry, age, f"{NAME}; hit; ttl={int(entry.ttl - age)}")
+        return None
+
+    def count_hit(self, key: str) -> None:
+        self._entries.move_to_end(key)
+        self.stats.hits += 1
+
+    async def get(self, key: str, ttl: float, fetch: Fetch) -> Lookup:
+        found = self.fresh(key)
+        if found is not None:
+            self.count_hit(key)
+            return found
+        entry = self._entries.get(key)
+        if entry is not None:
+            age = self._clock() - entry.stored
             if entry.status == 200 and age < self._swr_limit(entry):
                 self.refresh(key, ttl, fetch)
                 self.stats.stale_revalidating += 1

@@ -28,6 +28,14 @@ LocalHandler = Callable[[Scope, Receive, Send, Resource], Awaitable[None]]
 DEVICE_LIST_KEY = "/cgi-bin/dl_cgi?Command=DeviceList"
 
 
+PROXIED_PATHS = frozenset({"/cgi-bin/dl_cgi", "/vars", "/auth"})
+
+
+def is_proxied(path: str) -> bool:
+    """Whether a route path (``gateway.scopes.route_path``) is the PVS's, answered by the ``Proxy``."""
+    return path in PROXIED_PATHS or path.startswith("/cgi-bin/dl_cgi/")
+
+
 class VarsAliases:
     """The LocalAPI's ``cache=<id>`` stored queries, kept by the gateway per caller.
 
@@ -82,12 +90,37 @@ class Proxy:
         entry = lookup.entry
         await send_prepared(send, entry.status, self._answer_headers(lookup), b"" if head else entry.body)
 
-    def resolve(self, scope: Scope) -> Resource:
+    def fresh_now(self, scope: Scope) -> tuple[str, Lookup] | None:
+        """The request's resource key and fresh cache hit, found without an await or a side effect.
+
+        For the hot path. None for anything else (not allowed, a local command, a
+        ``cache=`` alias, missing or stale in the cache): ``__call__`` answers those.
+        """
+        try:
+            resource = self._classify(scope)
+        except GatewayError:
+            return None
+        if resource.kind == "local" or resource.cache_id is not None:
+            return None
+        lookup = self._cache.fresh(resource.key)
+        return (resource.key, lookup) if lookup is not None else None
+
+    def answer_now(self, scope: Scope, key: str, lookup: Lookup) -> tuple[int, list[Header], bytes]:
+        """What ``__call__`` sends for the hit ``fresh_now`` found: status, fields, body."""
+        self._cache.count_hit(key)
+        scope["state"]["gateway.cache"] = lookup.cache_status
+        entry = lookup.entry
+        return entry.status, self._answer_headers(lookup), b"" if scope["method"] == "HEAD" else entry.body
+
+    def _classify(self, scope: Scope) -> Resource:
         raw_path: bytes = scope.get("raw_path") or scope["path"].encode()
         root = scope.get("root_path", "").encode()
         if root and raw_path.startswith(root):
             raw_path = raw_path[len(root) :]
-        resource = classify(raw_path, scope.get("query_string", b""), max_params=self._max_params)
+        return classify(raw_path, scope.get("query_string", b""), max_params=self._max_params)
+
+    def resolve(self, scope: Scope) -> Resource:
+        resource = self._classify(scope)
         if resource.kind == "vars" and resource.cache_id is not None:
             who = _caller(scope)
             if resource.selector:

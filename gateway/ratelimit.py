@@ -260,16 +260,17 @@ class RateLimitMiddleware:
         self.app = app
         self.limiter = limiter
 
+    def _policy(self, scope: Scope, principal: Principal | None) -> tuple[Policy | None, str]:
+        if principal is None or principal.method == "anonymous":
+            return self.limiter.per_ip, (scope["client"][0] if scope.get("client") else "unknown")
+        return self.limiter.policy_for(principal), principal.id
+
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or route_path(scope) in NEVER_LIMITED:
             await self.app(scope, receive, send)
             return
         state = scope.setdefault("state", {})
-        principal: Principal | None = state.get("principal")
-        if principal is None or principal.method == "anonymous":
-            policy, key = self.limiter.per_ip, (scope["client"][0] if scope.get("client") else "unknown")
-        else:
-            policy, key = self.limiter.policy_for(principal), principal.id
+        policy, key = self._policy(scope, state.get("principal"))
         if policy is None:
             await self.app(scope, receive, send)
             return
@@ -290,3 +291,21 @@ class RateLimitMiddleware:
         problem = verdict.problem()
         state["gateway.detail"] = problem.detail
         await send_problem(send, problem, head=scope["method"] == "HEAD")
+
+    def admit_now(self, scope: Scope, principal: Principal) -> list[tuple[bytes, bytes]] | None:
+        """Count the request and return its RateLimit fields, when it is admitted without an await.
+
+        For the hot path. None when counters are not in this process or the request
+        is refused; a refused request is not counted (the algorithm counts only what
+        it admits), so ``__call__`` then decides it afresh.
+        """
+        if route_path(scope) in NEVER_LIMITED:
+            return []
+        policy, key = self._policy(scope, principal)
+        if policy is None:
+            return []
+        local = self.limiter.local
+        if local is None:
+            return None
+        allowed, remaining, reset_in = local.hit(policy, key, policy.quota, policy.window)
+        return policy.fields(remaining, reset_in) if allowed else None

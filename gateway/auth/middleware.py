@@ -85,6 +85,15 @@ class FailureGate:
         await self._hit(ip)
 
 
+class DeferredJWT:
+    """A bearer token that looks like a JWT: verifying it may need the provider's keys (an await)."""
+
+    __slots__ = ("token",)
+
+    def __init__(self, token: str) -> None:
+        self.token = token
+
+
 class Authenticator:
     """Turns a request's credentials into a Principal (or None when it has none)."""
 
@@ -104,6 +113,17 @@ class Authenticator:
         self._front_proxy = front_proxy
 
     async def authenticate(self, scope: Scope) -> Principal | None:
+        found = self.identify(scope)
+        if isinstance(found, DeferredJWT):
+            assert self._bearer_jwt is not None
+            return await self._bearer_jwt(found.token)
+        return found
+
+    def identify(self, scope: Scope) -> Principal | DeferredJWT | None:
+        """Everything ``authenticate`` does that needs no await; a bearer JWT is handed back to verify.
+
+        Raises ``AuthFailed`` for presented-but-wrong credentials.
+        """
         authorization = api_key = cookie = None
         for name, value in scope["headers"]:
             if name == b"authorization":
@@ -113,7 +133,7 @@ class Authenticator:
             elif name == b"cookie":
                 cookie = value.decode("latin-1") if cookie is None else f"{cookie}; {value.decode('latin-1')}"
         if authorization is not None:
-            return await self._from_authorization(authorization)
+            return self._from_authorization(authorization)
         if api_key is not None:
             return self._key(api_key.strip())
         if cookie is not None and self._session is not None:
@@ -131,14 +151,14 @@ class Authenticator:
             return self._front_proxy(scope)
         return None
 
-    async def _from_authorization(self, value: str) -> Principal:
+    def _from_authorization(self, value: str) -> Principal | DeferredJWT:
         scheme, _, credentials = value.strip().partition(" ")
         scheme = scheme.lower()
         credentials = credentials.strip()
         if scheme == "bearer":
             if credentials.startswith("pvsgw_") or self._bearer_jwt is None or credentials.count(".") != 2:
                 return self._key(credentials)
-            return await self._bearer_jwt(credentials)
+            return DeferredJWT(credentials)
         if scheme == "basic":
             try:
                 decoded = base64.b64decode(credentials, validate=True).decode("utf-8")
@@ -225,7 +245,7 @@ class AuthMiddleware:
             await send_problem(send, exc, head=head)
             return
         if principal is None and self.anonymous_from and in_networks(ip, self.anonymous_from):
-            principal = Principal(f"anon:{ip}", "anonymous", "viewer", "anonymous")
+            principal = _anonymous(ip)
         if principal is None:
             if path in SELF_CHECKED:
                 await self.app(scope, receive, send)
@@ -248,6 +268,35 @@ class AuthMiddleware:
             await send_problem(send, Forbidden(f"{path} needs the admin role; {principal.name} is a {principal.role}"), head=head)
             return
         await self.app(scope, receive, send)
+
+
+    def admit_now(self, scope: Scope) -> Principal | None:
+        """The principal ``__call__`` would pass inward, when that is certain without an await.
+
+        For the hot path (``gateway.hotpath``). None means "not certain here": the
+        request's path, a possible brute-force block, wrong or missing credentials,
+        or a JWT to verify; then ``__call__`` decides, as if this had not run (a
+        valid key's last-used time, the only trace, is set again to the same use).
+        """
+        path = route_path(scope)
+        if path in OPEN_PATHS or path in self.anonymous_paths or path in SELF_CHECKED or path in self.admin_paths:
+            return None
+        ip = scope["client"][0] if scope.get("client") else "unknown"
+        if self.gate.may_be_blocked(ip):
+            return None
+        try:
+            found = self.authenticator.identify(scope)
+        except GatewayError:
+            return None
+        if isinstance(found, DeferredJWT):
+            return None
+        if found is None and self.anonymous_from and in_networks(ip, self.anonymous_from):
+            return _anonymous(ip)
+        return found
+
+
+def _anonymous(ip: str) -> Principal:
+    return Principal(f"anon:{ip}", "anonymous", "viewer", "anonymous")
 
 
 def _blocked(wait: float) -> GatewayError:

@@ -57,7 +57,7 @@ class AccessLogMiddleware:
             await self.app(scope, receive, send)
             return
         start = time.perf_counter()
-        request_id = f"{self._id_prefix}{next(self._id_counter):06x}"
+        request_id = self.next_request_id()
         state = scope.setdefault("state", {})
         state["request_id"] = request_id
         # The guard's send wrapper (the only one on the hot path) stamps the request id
@@ -70,9 +70,12 @@ class AccessLogMiddleware:
                 state["gateway.status"] = 500
                 await send_problem(send, GatewayError("internal error; see the gateway's log", status=500))
         finally:
-            self._record(scope, state, state.get("gateway.status", 500), time.perf_counter() - start, request_id)
+            self.record(scope, state, state.get("gateway.status", 500), time.perf_counter() - start, request_id)
 
-    def _record(self, scope: Scope, state: dict, status: int, duration: float, request_id: str) -> None:
+    def next_request_id(self) -> str:
+        return f"{self._id_prefix}{next(self._id_counter):06x}"
+
+    def record(self, scope: Scope, state: dict, status: int, duration: float, request_id: str) -> None:
         if self.observe is not None:
             self.observe(scope, state, status, duration)
         principal: Principal | None = state.get("principal")

@@ -85,6 +85,12 @@ class ForwardedMiddleware:
                 _mount(scope, prefix)
         await self.app(scope, receive, send)
 
+    def rewrites(self, scope: Scope) -> bool:
+        """Whether ``__call__`` would change this request's scope (a mount prefix, a trusted peer)."""
+        return bool(self.root_path) or bool(
+            self.trusted and scope.get("client") and in_networks(scope["client"][0], self.trusted)
+        )
+
     def _apply(self, scope: Scope) -> str | None:
         """Believe the trusted peer's forwarded headers; return its X-Forwarded-Prefix, if any."""
         headers: dict[bytes, str] = {}

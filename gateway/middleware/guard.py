@@ -74,14 +74,19 @@ class GuardMiddleware:
                 message["headers"] = headers
             await send(message)
 
-        problem = self._check(scope)
+        problem = self.check(scope)
         if problem is not None:
             state["gateway.detail"] = problem.detail
             await send_problem(send_secured, problem, head=scope["method"] == "HEAD")
             return
         await self.app(scope, receive, send_secured)
 
-    def _check(self, scope: Scope) -> RequestRejected | None:
+    def fields_for(self, scope: Scope) -> list[tuple[bytes, bytes]]:
+        """The security fields of an answer that sets none itself (every proxied answer)."""
+        return self.all_https if scope.get("scheme") == "https" else self.all_http
+
+    def check(self, scope: Scope) -> RequestRejected | None:
+        """The request's problem, if it has one; no side effect."""
         if scope["method"] not in ALLOWED_METHODS:
             detail = f"{scope['method'][:16]} is not allowed: this gateway is read-only (GET and HEAD)"
             if scope["path"].endswith("/vars"):
