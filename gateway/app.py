@@ -39,8 +39,9 @@ from gateway.logbuffer import LineBuffer
 from gateway.middleware.accesslog import AccessLogMiddleware
 from gateway.middleware.forwarded import ForwardedMiddleware, parse_networks
 from gateway.middleware.guard import GuardMiddleware
+from gateway.hotpath import HotPath
 from gateway.poller import Poller
-from gateway.proxy import Proxy
+from gateway.proxy import Proxy, is_proxied
 from gateway.ratelimit import RateLimiter, RateLimitMiddleware
 from gateway.scopes import route_path
 from gateway.settings import Settings
@@ -60,6 +61,7 @@ class Components:
     cache: ResponseCache
     upstream: UpstreamClient
     limiter: RateLimiter
+    hot: HotPath | None = None
     per_identity: dict[str, dict[str, int]] = field(default_factory=dict)
     background: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
 
@@ -138,7 +140,13 @@ def create_app(
     route_list = [
         Route("/healthz", routes.healthz),
         Route("/readyz", routes.readyz(health, settings.cache.max_stale, poller.probe)),
-        Route("/stats", routes.stats(cache, upstream, parts.per_identity, time.monotonic(), observed.timings)),
+        Route(
+            "/stats",
+            routes.stats(
+                cache, upstream, parts.per_identity, time.monotonic(), observed.timings,
+                hot_answered=lambda: parts.hot.answered if parts.hot is not None else None,
+            ),
+        ),
         Route("/auth/verify", routes.verify),
         *observed.routes,
     ]
@@ -210,12 +218,20 @@ def create_app(
     # (an open redirect, found by tests/test_fuzz.py); a read-only API has no use for it: 404.
     own_routes.router.redirect_slashes = False
     stack: ASGIApp = ProxyDispatch(proxy, own_routes)
+    layers: dict[type, Any] = {}
     for layer in reversed(middleware):
-        stack = layer.cls(stack, *layer.args, **layer.kwargs)
+        stack = layers[layer.cls] = layer.cls(stack, *layer.args, **layer.kwargs)
+    if settings.server.hot_path:
+        parts.hot = HotPath(
+            access=layers[AccessLogMiddleware],
+            forwarded=layers[ForwardedMiddleware],
+            guard=layers[GuardMiddleware],
+            auth=layers[AuthMiddleware],
+            ratelimit=layers[RateLimitMiddleware],
+            proxy=proxy,
+            cookie_sessions=oidc is not None,
+        )
     return GatewayApp(stack, own_routes, parts)
-
-
-PROXIED_PATHS = frozenset({"/cgi-bin/dl_cgi", "/vars", "/auth"})
 
 
 class ProxyDispatch:
@@ -232,18 +248,24 @@ class ProxyDispatch:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
-            path = route_path(scope)
-            if path in PROXIED_PATHS or path.startswith("/cgi-bin/dl_cgi/"):
+            if is_proxied(route_path(scope)):
                 await self.proxy(scope, receive, send)
                 return
         await self.routes(scope, receive, send)
 
 
 class GatewayApp:
-    """What uvicorn serves: the middleware stack over ProxyDispatch; ``state`` is the routes' state."""
+    """What uvicorn serves: the middleware stack over ProxyDispatch; ``state`` is the routes' state.
+
+    ``hot`` (``gateway.hotpath``) answers fresh cache hits without the stack, for the
+    connection protocol that offers them (``gateway.httpproto``); ASGI servers without
+    it (tests' in-process transports) get the same answers from the stack.
+    """
 
     def __init__(self, stack: ASGIApp, routes: Starlette, parts: Components) -> None:
         self._stack = stack
+        # Offered every request first by the connection protocol (gateway.httpproto), when on.
+        self.hot = parts.hot
         self.routes = routes
         self.state = routes.state
         self.state.gateway = parts

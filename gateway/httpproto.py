@@ -32,12 +32,16 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
+from collections.abc import Callable
 from typing import Any
 
 from gateway.errors import _TITLES, PROBLEM_TYPE, problem_body
 from gateway.settings import ServerSettings
 
 log = logging.getLogger("gateway.access")
+
+# gateway.hotpath.HotPath.answer: (scope, respond(status, fixed fields, own fields, body)) -> answered.
+HotAnswer = Callable[[dict[str, Any], Callable[[int, list[Any], list[Any], bytes], None]], bool]
 
 # Same fields GuardMiddleware adds to every answer.
 _SECURITY = (
@@ -56,14 +60,20 @@ def head_cap(server: ServerSettings) -> int:
     return server.max_url_length + server.max_header_bytes + 8 * server.max_header_count + 1024
 
 
-def protocol_class(server: ServerSettings) -> type[asyncio.Protocol] | str:
-    """The protocol class for ``uvicorn.Config(http=...)``; "h11" if httptools is missing."""
+def protocol_class(server: ServerSettings, hot: HotAnswer | None = None) -> type[asyncio.Protocol] | str:
+    """The protocol class for ``uvicorn.Config(http=...)``; "h11" if httptools is missing.
+
+    ``hot`` (``GatewayApp.hot.answer``) is offered each request before an ASGI task is made for it.
+    """
     try:
         from uvicorn.protocols.http import httptools_impl
         from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
     except ImportError:  # uvicorn without [standard]: h11 caps the head (h11_max_incomplete_event_size)
         return "h11"
-    coalescing = coalescing_cycle(httptools_impl)
+    encoder = head_encoder(httptools_impl)
+    coalescing = coalescing_cycle(httptools_impl, encoder)
+    if encoder is None:
+        hot = None  # its answers are encoded by the same code
 
     class GuardedHttpToolsProtocol(HttpToolsProtocol):
         head_timeout = float(server.keepalive_timeout)
@@ -122,7 +132,48 @@ def protocol_class(server: ServerSettings) -> type[asyncio.Protocol] | str:
             # uvicorn builds its RequestResponseCycle inline in on_headers_complete; every cycle,
             # pipelined ones included, starts here, so this is where it gets the coalescing send.
             cycle.__class__ = coalescing
+            if (
+                hot is not None
+                and app is self.app  # not uvicorn's 503 for limit_concurrency
+                and cycle.keep_alive
+                and not self.flow.write_paused  # the ASGI path waits for the client to read
+                and not self.transport.is_closing()
+                and self._answer_hot(cycle)
+            ):
+                return
             super()._start_asgi_task(cycle, app)
+
+        def _answer_hot(self, cycle: Any) -> bool:
+            def respond(status: int, fixed: list[Field], own: list[Field], body: bytes) -> None:
+                assert encoder is not None
+                encoded = encoder.encode_split(status, self.server_state.default_headers, fixed, own)
+                if encoded is None or (body and len(body) != encoded[1]):
+                    raise RuntimeError("the hot path made an answer it cannot send in one write")
+                cycle.response_started = True
+                # Written on the loop's next pass, with the other connections' answers: reads
+                # first, then writes. Writing from inside the read callback (TLS decryption in
+                # progress) halved throughput in bench/, below the ASGI path's.
+                self.loop.call_soon(self._send_hot, cycle, encoded[0] + body if body else encoded[0])
+
+            try:
+                return hot(cycle.scope, respond)
+            except Exception:
+                # Never reached by anything a client sends (the layers' checks decline first); if it
+                # is, an answer not yet started goes the ASGI way, a broken one closes the connection.
+                log.exception("hot path failed on %s", cycle.scope.get("path", "?"))
+                if not cycle.response_started:
+                    return False
+                self.transport.close()
+                return True
+
+        def _send_hot(self, cycle: Any, data: bytes) -> None:
+            if cycle.disconnected or self.transport.is_closing():
+                return
+            self.transport.write(data)
+            cycle.response_complete = True
+            if not cycle.keep_alive:  # shutdown() began while the answer waited for this pass
+                self.transport.close()
+            cycle.on_response()
 
         def on_response_complete(self) -> None:
             super().on_response_complete()
@@ -173,42 +224,121 @@ def protocol_class(server: ServerSettings) -> type[asyncio.Protocol] | str:
     return GuardedHttpToolsProtocol
 
 
-def coalescing_cycle(impl: Any) -> type:
+Field = tuple[bytes, bytes]
+
+
+def head_encoder(impl: Any) -> HeadEncoder | None:
+    """The encoder for this uvicorn; None if uvicorn's header checks changed (its own send is kept then)."""
+    if impl.HEADER_VALUE_RE.pattern != b"[\x00-\x08\x0a-\x1f\x7f]":
+        return None
+    return HeadEncoder(impl.STATUS_LINE, impl.HEADER_RE.search)
+
+
+class HeadEncoder:
+    """uvicorn's response-head encoding and checks, made cheaper.
+
+    A field name is checked once per process (answers repeat the same few),
+    and values by one scan of the finished head for control characters plus a
+    count of its CRs and LFs (exactly one CRLF per line, so none inside a
+    field), instead of uvicorn's two patterns per field. Invalid names or
+    values raise RuntimeError, as in uvicorn.
+
+    Only the common case is taken: an answer with a ``Content-Length`` and
+    no ``Connection`` or ``Transfer-Encoding`` field; for others the
+    methods return None.
+    """
+
+    # uvicorn's value pattern is every control character but TAB; CR and LF are counted
+    # instead (see above), since a joined head has one CRLF per line and must have no other.
+    _bad_control = re.compile(b"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]").search
+
+    def __init__(self, status_line: dict[int, bytes], bad_name: Callable[[bytes], Any]) -> None:
+        self._status_line = status_line
+        self._bad_name = bad_name
+        # Field names already checked, lower-cased.
+        self._names: dict[bytes, bytes] = {}
+        # id(fixed) -> (fixed, default, status, encoded lines, content length): see encode_split.
+        self._blocks: dict[int, tuple[list[Field], list[Field], int, bytes, int]] = {}
+
+    def encode(self, status: int, headers: list[Field]) -> tuple[bytes, int] | None:
+        """The whole head (status line to empty line) and the Content-Length."""
+        lines = self._lines(status, headers)
+        return None if lines is None else (lines[0] + b"\r\n", lines[1])
+
+    def encode_split(self, status: int, default: list[Field], fixed: list[Field], own: list[Field]) -> tuple[bytes, int] | None:
+        """``encode(status, [*default, *fixed, *own])``, with the part up to ``own`` made once.
+
+        ``default`` and ``fixed`` must be lists that are not changed once made
+        (uvicorn's Date fields, replaced each second; a cache entry's fields,
+        replaced when its age changes): they are recognised by identity.
+        ``own`` (per-request fields) must not carry the framing fields.
+        """
+        memo = self._blocks.get(id(fixed))
+        if memo is None or memo[0] is not fixed or memo[1] is not default or memo[2] != status:
+            lines = self._lines(status, [*default, *fixed])
+            if lines is None:
+                return None
+            if len(self._blocks) >= 64:  # one per cached resource and second: few at a time
+                self._blocks.clear()
+            memo = self._blocks[id(fixed)] = (fixed, default, status, lines[0], lines[1])
+        parts = [memo[3]]
+        names = self._names
+        for name, value in own:
+            name = names.get(name) or self._checked_name(name)
+            if name in (b"content-length", b"connection", b"transfer-encoding"):
+                return None
+            parts += (name, b": ", value, b"\r\n")
+        tail = b"".join(parts[1:])
+        if self._bad_control(tail) or tail.count(b"\n") != len(own) or tail.count(b"\r") != len(own):
+            raise RuntimeError("Invalid HTTP header value.")
+        parts.append(b"\r\n")
+        return b"".join(parts), memo[4]
+
+    def _lines(self, status: int, headers: list[Field]) -> tuple[bytes, int] | None:
+        """Status line and fields, checked (no final empty line), and the Content-Length."""
+        length = None
+        parts = [self._status_line[status]]
+        names = self._names
+        for name, value in headers:
+            name = names.get(name) or self._checked_name(name)
+            if name == b"content-length":
+                length = value
+            elif name == b"connection" or name == b"transfer-encoding":
+                return None
+            parts += (name, b": ", value, b"\r\n")
+        if length is None:
+            return None
+        head = b"".join(parts)
+        lines = len(headers) + 1  # the status line and the fields
+        if self._bad_control(head) or head.count(b"\n") != lines or head.count(b"\r") != lines:
+            raise RuntimeError("Invalid HTTP header value.")
+        return head, int(length)
+
+    def _checked_name(self, name: bytes) -> bytes:
+        if self._bad_name(name):
+            raise RuntimeError("Invalid HTTP header name.")
+        lower = name.lower()
+        if len(self._names) < 512:  # names are the app's, not the client's; bounded all the same
+            self._names[name] = lower
+        return lower
+
+
+def coalescing_cycle(impl: Any, encoder: HeadEncoder | None) -> type:
     """uvicorn's ``RequestResponseCycle`` with the response head held back until the body.
 
     uvicorn writes the head on ``http.response.start`` and the body on
     ``http.response.body``: two writes, so under TLS two records and two
     ``send`` syscalls for every answer. Holding the head until the first body
     message and writing both at once saves one of each, about a sixth of a
-    cache hit's cost in ``bench/``. The header checks are uvicorn's, made
-    cheaper: a name is checked once per process (answers repeat the same few),
-    and values by one scan of the finished head for control characters plus a
-    count of its CRs and LFs (exactly one CRLF per line, so none inside a
-    field), instead of two patterns per field.
+    cache hit's cost in ``bench/``. The head is made by ``head_encoder``.
 
-    Only the common case is taken over: a keep-alive response with a
-    ``Content-Length`` and no ``Connection`` or ``Transfer-Encoding`` field.
-    Anything else (chunked answers, ``Connection: close``, uvicorn's own 500)
-    is left to uvicorn's code unchanged.
+    Only the common case is taken over: a keep-alive response that the encoder
+    takes. Anything else (chunked answers, ``Connection: close``, uvicorn's
+    own 500) is left to uvicorn's code unchanged.
     """
     base = impl.RequestResponseCycle
-    if impl.HEADER_VALUE_RE.pattern != b"[\x00-\x08\x0a-\x1f\x7f]":
-        return base  # uvicorn changed its header checks: keep its own send rather than guess
-    status_line: dict[int, bytes] = impl.STATUS_LINE
-    bad_name = impl.HEADER_RE.search
-    # uvicorn's value pattern is every control character but TAB; CR and LF are counted
-    # instead (see below), since the joined head has one CRLF per line and must have no other.
-    bad_control = re.compile(b"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]").search
-    # Field names already checked, lower-cased: an answer repeats the same few names.
-    checked_names: dict[bytes, bytes] = {}
-
-    def checked_name(name: bytes) -> bytes:
-        if bad_name(name):
-            raise RuntimeError("Invalid HTTP header name.")
-        lower = name.lower()
-        if len(checked_names) < 512:  # names are the app's, not the client's; bounded all the same
-            checked_names[name] = lower
-        return lower
+    if encoder is None:
+        return base
 
     class CoalescingCycle(base):  # type: ignore[misc, valid-type]
         _held: bytes | None = None
@@ -225,28 +355,13 @@ def coalescing_cycle(impl: Any) -> type:
         def _hold_head(self, message: Any) -> bool:
             if self.access_log or not self.keep_alive or self.disconnected or self.flow.write_paused:
                 return False
-            headers = [*self.default_headers, *message.get("headers", ())]
-            length = None
-            parts = [status_line[message["status"]]]
-            for name, value in headers:
-                name = checked_names.get(name) or checked_name(name)
-                if name == b"content-length":
-                    length = value
-                elif name == b"connection" or name == b"transfer-encoding":
-                    return False
-                parts += (name, b": ", value, b"\r\n")
-            if length is None:
+            encoded = encoder.encode(message["status"], [*self.default_headers, *message.get("headers", ())])
+            if encoded is None:
                 return False
-            parts.append(b"\r\n")
-            head = b"".join(parts)
-            lines = len(headers) + 2  # the status line, the fields, the empty line
-            if bad_control(head) or head.count(b"\n") != lines or head.count(b"\r") != lines:
-                raise RuntimeError("Invalid HTTP header value.")
-            self.expected_content_length = int(length)
+            self._held, self.expected_content_length = encoded
             self.chunked_encoding = False
             self.response_started = True
             self.waiting_for_100_continue = False
-            self._held = head
             return True
 
         async def _send_with_head(self, message: Any) -> None:

@@ -59,6 +59,7 @@ def stats(
     per_identity: dict[str, dict[str, int]],
     started: float,
     timings: Callable[[], dict[str, dict[str, float]]] | None = None,
+    hot_answered: Callable[[], int | None] = lambda: None,
 ) -> Callable[[Request], Any]:
     async def endpoint(request: Request) -> Response:
         s = cache.stats
@@ -87,6 +88,8 @@ def stats(
                 "timings": timings() if timings is not None else None,
             },
             "identities": per_identity,
+            # Cache hits answered by gateway.hotpath (None: hot_path off); the rest went through ASGI.
+            "hot_path_answered": hot_answered(),
         }
         return JSONResponse(body, headers=NO_STORE)
 

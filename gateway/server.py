@@ -11,7 +11,7 @@ from typing import Any, TextIO
 import uvicorn
 from starlette.types import Receive, Scope, Send
 
-from gateway.app import components, create_app
+from gateway.app import GatewayApp, components, create_app
 from gateway.httpproto import protocol_class
 from gateway.settings import Settings
 
@@ -39,6 +39,7 @@ def _is_loopback(host: str) -> bool:
 
 
 def _uvicorn_config(app: object, host: str, port: int, settings: Settings) -> uvicorn.Config:
+    hot = app.hot if isinstance(app, GatewayApp) else None
     return uvicorn.Config(
         app,  # type: ignore[arg-type]
         host=host,
@@ -52,7 +53,7 @@ def _uvicorn_config(app: object, host: str, port: int, settings: Settings) -> uv
         lifespan="on",
         timeout_keep_alive=int(settings.server.keepalive_timeout),
         # Deadline and size cap on request heads (slow clients, huge headers): see gateway.httpproto.
-        http=protocol_class(settings.server),
+        http=protocol_class(settings.server, hot=hot.answer if hot is not None else None),
         h11_max_incomplete_event_size=settings.server.max_header_bytes,
         timeout_graceful_shutdown=5,
     )

@@ -20,7 +20,10 @@ LAYERS: list[set[str]] = [
     {"gateway.pvsbody", "gateway.upstream", "gateway.ratelimit", "gateway.auth.oidc"},
     {"gateway.cache"},
     {"gateway.proxy", "gateway.auth.oidc_login", "gateway.auth.middleware", "gateway.auth.frontproxy"},
-    {"gateway.local", "gateway.poller", "gateway.routes", "gateway.normalize", "gateway.metrics", "gateway.dashboard"},
+    {
+        "gateway.local", "gateway.poller", "gateway.routes", "gateway.normalize", "gateway.metrics", "gateway.dashboard",
+        "gateway.hotpath",
+    },
     {"gateway.app"},
     {"gateway.server", "gateway.demo"},
     {"gateway.cli", "gateway.__main__"},

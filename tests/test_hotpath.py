@@ -1,0 +1,212 @@
+"""The hot path (gateway.hotpath): fresh cache hits answered in the connection protocol.
+
+It must be invisible: the same answers as the ASGI stack, every request
+counted once (rate limits, failures, logs), pipelined requests in order.
+HTTP/1.0 requests are never taken by it (it only answers keep-alive
+connections), which gives the ASGI path's answer to compare with, from the
+same gateway in the same second.
+"""
+
+from __future__ import annotations
+
+import socket
+import ssl
+import time
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+from uvicorn.protocols.http import httptools_impl
+
+from gateway.httpproto import head_encoder
+from tests.harness import Gateway, Simulator
+
+DEVICE_LIST = "/cgi-bin/dl_cgi?Command=DeviceList"
+TTL = {"cache": {"ttl": {"DeviceList": 3600}}}
+# Fields that differ between two answers of the same entry in the same second.
+PER_REQUEST = {"date", "x-request-id", "ratelimit", "connection"}
+
+
+class Answer:
+    def __init__(self, head: bytes, body: bytes) -> None:
+        lines = head.decode("latin-1").split("\r\n")
+        self.status = int(lines[0].split(" ")[1])
+        self.fields = [tuple(line.split(": ", 1)) for line in lines[1:]]
+        self.body = body
+
+    def get(self, name: str) -> str:
+        return next(v for k, v in self.fields if k == name)
+
+    def stable_fields(self) -> list[tuple[str, ...]]:
+        return [f for f in self.fields if f[0] not in PER_REQUEST]
+
+    @property
+    def length(self) -> int:
+        return int(dict(self.fields).get("content-length", "0"))
+
+
+def _connect(gw: Gateway) -> socket.socket:
+    host, port = gw.url.split("://")[1].split("/")[0].rsplit(":", 1)
+    sock = socket.create_connection((host, int(port)), timeout=10)
+    if gw.url.startswith("https"):
+        ctx = gw.verify
+        assert isinstance(ctx, ssl.SSLContext)
+        return ctx.wrap_socket(sock, server_hostname=host)
+    return sock
+
+
+def _read_answers(sock: socket.socket, count: int, *, head_only: frozenset[int] = frozenset()) -> list[Answer]:
+    """``count`` answers; those at the ``head_only`` positions (HEAD requests) have no body."""
+    data = b""
+    answers: list[Answer] = []
+    while len(answers) < count:
+        end = data.find(b"\r\n\r\n")
+        if end < 0:
+            chunk = sock.recv(65536)
+            assert chunk, f"connection closed after {len(answers)} answers"
+            data += chunk
+            continue
+        head = data[:end]
+        length = 0 if len(answers) in head_only else Answer(head, b"").length
+        while len(data) < end + 4 + length:
+            chunk = sock.recv(65536)
+            assert chunk, "connection closed inside a body"
+            data += chunk
+        answers.append(Answer(head, data[end + 4 : end + 4 + length]))
+        data = data[end + 4 + length :]
+    return answers
+
+
+def _request(gw: Gateway, key: str, target: str = DEVICE_LIST, *, method: str = "GET", version: str = "1.1") -> bytes:
+    return f"{method} {target} HTTP/{version}\r\nHost: gw\r\nAuthorization: Bearer {gw.keys[key]}\r\n\r\n".encode()
+
+
+def _exchange(gw: Gateway, raw: bytes, count: int = 1, **kw: Any) -> list[Answer]:
+    with _connect(gw) as sock:
+        sock.sendall(raw)
+        return _read_answers(sock, count, **kw)
+
+
+def _hot_answered(gw: Gateway) -> int | None:
+    with gw.client("admin") as c:
+        return c.get("/stats").json()["hot_path_answered"]
+
+
+def test_a_hot_answer_is_the_asgi_answer(simulator: Simulator, make_gateway: Callable[..., Gateway]) -> None:
+    gw = make_gateway(simulator.url, {**TTL, "server": {"tls": "self-signed"}})
+    (first,) = _exchange(gw, _request(gw, "viewer"))  # the miss: through ASGI, stored
+    assert first.status == 200 and "fwd=miss" in first.get("cache-status")
+    for _ in range(3):  # the three must fall in one second of the entry's age to compare whole
+        before = _hot_answered(gw)
+        with _connect(gw) as sock:
+            sock.sendall(_request(gw, "viewer"))
+            (hot,) = _read_answers(sock, 1)
+        (asgi,) = _exchange(gw, _request(gw, "viewer", version="1.0"))
+        (hot2,) = _exchange(gw, _request(gw, "viewer"))
+        if hot.get("age") == asgi.get("age") == hot2.get("age"):
+            break
+    assert _hot_answered(gw) == (before or 0) + 2  # the HTTP/1.0 request went through ASGI
+    assert hot.status == asgi.status == 200 and hot.body == asgi.body == first.body
+    assert hot.stable_fields() == asgi.stable_fields()
+    assert "strict-transport-security" in dict(hot.fields) and "hit;" in hot.get("cache-status")
+    # Each request counted once, whichever path answered it.
+    remaining = [int(a.get("ratelimit").split("r=")[1].split(";")[0]) for a in (hot, asgi, hot2)]
+    assert remaining[0] - remaining[1] == 1 and remaining[1] - remaining[2] == 1
+    assert hot.get("x-request-id") != hot2.get("x-request-id")
+
+
+def test_hot_path_off_answers_the_same_through_asgi(simulator: Simulator, make_gateway: Callable[..., Gateway]) -> None:
+    gw = make_gateway(simulator.url, {**TTL, "server": {"hot_path": False}})
+    answers = _exchange(gw, _request(gw, "viewer") * 3, 3)
+    assert [a.status for a in answers] == [200, 200, 200] and "hit;" in answers[2].get("cache-status")
+    assert _hot_answered(gw) is None
+
+
+def test_a_refusal_is_decided_once(simulator: Simulator, make_gateway: Callable[..., Gateway]) -> None:
+    gw = make_gateway(simulator.url, {**TTL, "ratelimit": {"per_caller": "3/minute"}})
+    answers = _exchange(gw, _request(gw, "viewer") * 4, 4)
+    assert [a.status for a in answers] == [200, 200, 200, 429]
+    assert [a.get("ratelimit") for a in answers[:3]] == [f'"caller";r={r};t={answers[i].get("ratelimit").split("t=")[1]}' for i, r in enumerate((2, 1, 0))]
+    assert "caller" in answers[3].body.decode() and answers[3].get("retry-after")
+    assert _hot_answered(gw) == 2  # the miss and the refusal went through ASGI
+
+
+def test_failed_credentials_are_counted_once(simulator: Simulator, make_gateway: Callable[..., Gateway]) -> None:
+    gw = make_gateway(simulator.url, {**TTL, "ratelimit": {"auth_failures": "3/minute"}})
+    _exchange(gw, _request(gw, "viewer"))  # stored: the wrong keys below would otherwise be hot-path candidates
+    gw.keys["wrong"] = gw.keys["viewer"][:-4] + "AAAA"
+    wrong = _exchange(gw, _request(gw, "wrong") * 2, 2)
+    assert [a.status for a in wrong] == [401, 401]
+    # Two failures of three allowed: counted twice, a valid key is still admitted.
+    (ok,) = _exchange(gw, _request(gw, "viewer"))
+    assert ok.status == 200
+
+
+def test_pipelined_hot_and_asgi_requests_keep_their_order(simulator: Simulator, make_gateway: Callable[..., Gateway]) -> None:
+    gw = make_gateway(simulator.url, TTL)
+    _exchange(gw, _request(gw, "viewer"))
+    batch = (_request(gw, "viewer") + _request(gw, "viewer", "/healthz")) * 50 + _request(gw, "viewer", method="HEAD")
+    answers = _exchange(gw, batch, 101, head_only=frozenset({100}))
+    for i, a in enumerate(answers[:100]):
+        assert a.status == 200
+        assert (b'"devices"' in a.body) == (i % 2 == 0), f"answer {i} out of order"
+    assert answers[100].status == 200 and answers[100].body == b"" and int(answers[100].get("content-length")) == len(answers[0].body)
+    ids = [a.get("x-request-id") for a in answers]
+    assert len(set(ids)) == len(ids)
+    assert _hot_answered(gw) == 51
+
+
+def test_hot_answers_are_logged_like_any_other(simulator: Simulator, make_gateway: Callable[..., Gateway]) -> None:
+    gw = make_gateway(simulator.url, TTL)
+    answers = _exchange(gw, _request(gw, "viewer") * 5, 5)
+    rid = answers[4].get("x-request-id")
+    logs = gw.wait_for_log(f"request_id={rid}")
+    line = next(line for line in logs.splitlines() if f"request_id={rid}" in line)
+    assert "name=viewer" in line and "status=200" in line and 'cache="pvs-gateway; hit;' in line
+    assert sum(f"request_id={a.get('x-request-id')} " in logs for a in answers) == 5
+    with gw.client("admin") as c:
+        assert c.get("/stats").json()["identities"][f"key:{gw.keys['viewer'].split('_')[1]}"]["requests"] == 5
+
+
+def test_clients_that_leave_before_their_answer_do_no_harm(simulator: Simulator, make_gateway: Callable[..., Gateway]) -> None:
+    gw = make_gateway(simulator.url, TTL)
+    _exchange(gw, _request(gw, "viewer"))
+    for _ in range(30):
+        with _connect(gw) as sock:
+            sock.sendall(_request(gw, "viewer") * 3)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")  # reset at close
+    time.sleep(0.2)
+    (ok,) = _exchange(gw, _request(gw, "viewer"))
+    assert ok.status == 200
+    assert "Traceback" not in gw.logs() and "hot path failed" not in gw.logs()
+
+
+@pytest.fixture
+def encoder() -> Any:
+    enc = head_encoder(httptools_impl)
+    assert enc is not None
+    return enc
+
+
+def test_the_fixed_part_of_a_head_is_encoded_once_per_list(encoder: Any) -> None:
+    default = [(b"date", b"Tue, 24 Nov 2026 00:00:00 GMT")]
+    fixed = [(b"content-length", b"2"), (b"age", b"1")]
+    head, length = encoder.encode_split(200, default, fixed, [(b"x-request-id", b"a1")])
+    assert length == 2 and head == b"HTTP/1.1 200 OK\r\ndate: Tue, 24 Nov 2026 00:00:00 GMT\r\ncontent-length: 2\r\nage: 1\r\nx-request-id: a1\r\n\r\n"
+    assert head == encoder.encode(200, [*default, *fixed, (b"x-request-id", b"a1")])[0]
+    # A new list (the entry aged a second) is encoded afresh, not served from the memo.
+    head2, _ = encoder.encode_split(200, default, [(b"content-length", b"2"), (b"age", b"2")], [])
+    assert b"age: 2\r\n" in head2 and b"age: 1" not in head2
+    newer = [(b"date", b"Tue, 24 Nov 2026 00:00:01 GMT")]
+    assert b"00:00:01" in encoder.encode_split(200, newer, fixed, [])[0]
+
+
+@pytest.mark.parametrize("value", [b"a\r\nset-cookie: x=1", b"a\nb", b"a\rb", b"a\x00b"])
+def test_per_request_fields_are_checked_too(encoder: Any, value: bytes) -> None:
+    with pytest.raises(RuntimeError):
+        encoder.encode_split(200, [], [(b"content-length", b"0")], [(b"x-request-id", value)])
+
+
+def test_per_request_fields_cannot_reframe_the_answer(encoder: Any) -> None:
+    assert encoder.encode_split(200, [], [(b"content-length", b"0")], [(b"content-length", b"5")]) is None
+    assert encoder.encode_split(200, [], [(b"content-length", b"0")], [(b"connection", b"close")]) is None
