@@ -59,9 +59,10 @@ class HotPath:
         # With the OIDC login on, a cookie may carry a login session that its middleware maintains.
         self.cookie_sessions = cookie_sessions
         self.answered = 0  # requests the hot path answered (``/stats``, tests)
-        # id(proxy fields) -> (proxy fields, security fields, both): one list per cache entry and
-        # second, so the protocol encodes that part of the head once (HeadEncoder.encode_split).
-        self._fixed: dict[int, tuple[list[Header], list[Header], list[Header]]] = {}
+        # (id(proxy fields), id(RateLimit-Policy)) -> (proxy fields, security fields, RateLimit-Policy,
+        # all three): one list per cache entry, second and policy, so the protocol encodes that
+        # part of the head once (HeadEncoder.encode_split).
+        self._fixed: dict[tuple[int, int], tuple[list[Header], list[Header], Header | None, list[Header]]] = {}
 
     def answer(self, scope: Scope, respond: Respond) -> bool:
         """Answer the request through ``respond`` and return True, or return False having changed nothing."""
@@ -78,8 +79,8 @@ class HotPath:
         principal = self.auth.admit_now(scope)
         if principal is None:
             return False
-        limit_fields = self.ratelimit.admit_now(scope, principal)  # the first side effect: a counted request
-        if limit_fields is None:
+        limit = self.ratelimit.admit_now(scope, principal)  # the first side effect: a counted request
+        if limit is None:
             return False
 
         # Committed: from here on, what the ASGI layers would do for this request.
@@ -89,19 +90,23 @@ class HotPath:
         state["principal"] = principal
         status, fields, body = self.proxy.answer_now(scope, *found)
         state["gateway.status"] = status
-        fixed = self._fixed_fields(fields, self.guard.fields_for(scope))
-        respond(status, fixed, [*limit_fields, (b"x-request-id", request_id.encode())], body)
+        rid = (b"x-request-id", request_id.encode())
+        if limit:  # RateLimit-Policy is the same for every request of the policy: with the fixed part
+            respond(status, self._fixed_fields(fields, self.guard.fields_for(scope), limit[0]), [limit[1], rid], body)
+        else:
+            respond(status, self._fixed_fields(fields, self.guard.fields_for(scope), None), [rid], body)
         self.answered += 1
         self.access.record(scope, state, status, time.perf_counter() - start, request_id)
         return True
 
-    def _fixed_fields(self, fields: list[Header], secure: list[Header]) -> list[Header]:
-        """``[*fields, *secure]``, the same list object for the same two lists."""
-        memo = self._fixed.get(id(fields))
-        if memo is not None and memo[0] is fields and memo[1] is secure:
-            return memo[2]
+    def _fixed_fields(self, fields: list[Header], secure: list[Header], policy: Header | None) -> list[Header]:
+        """``[*fields, *secure, policy]``, the same list object for the same three."""
+        key = (id(fields), id(policy))  # callers on different policies alternate without thrashing
+        memo = self._fixed.get(key)
+        if memo is not None and memo[0] is fields and memo[1] is secure and memo[2] is policy:
+            return memo[3]
         if len(self._fixed) >= 64:
             self._fixed.clear()
-        both = [*fields, *secure]
-        self._fixed[id(fields)] = (fields, secure, both)
-        return both
+        joined = [*fields, *secure, policy] if policy is not None else [*fields, *secure]
+        self._fixed[key] = (fields, secure, policy, joined)
+        return joined

@@ -255,8 +255,9 @@ class HeadEncoder:
     def __init__(self, status_line: dict[int, bytes], bad_name: Callable[[bytes], Any]) -> None:
         self._status_line = status_line
         self._bad_name = bad_name
-        # Field names already checked, lower-cased.
+        # Field names already checked, lower-cased; and those fit to be per-request fields as they are.
         self._names: dict[bytes, bytes] = {}
+        self._own_names: set[bytes] = set()
         # id(fixed) -> (fixed, default, status, encoded lines, content length): see encode_split.
         self._blocks: dict[int, tuple[list[Field], list[Field], int, bytes, int]] = {}
 
@@ -271,7 +272,8 @@ class HeadEncoder:
         ``default`` and ``fixed`` must be lists that are not changed once made
         (uvicorn's Date fields, replaced each second; a cache entry's fields,
         replaced when its age changes): they are recognised by identity.
-        ``own`` (per-request fields) must not carry the framing fields.
+        ``own`` (per-request fields) must have lower-case names and not carry the
+        framing fields; else None.
         """
         memo = self._blocks.get(id(fixed))
         if memo is None or memo[0] is not fixed or memo[1] is not default or memo[2] != status:
@@ -281,18 +283,24 @@ class HeadEncoder:
             if len(self._blocks) >= 64:  # one per cached resource and second: few at a time
                 self._blocks.clear()
             memo = self._blocks[id(fixed)] = (fixed, default, status, lines[0], lines[1])
-        parts = [memo[3]]
-        names = self._names
+        parts: list[bytes] = []
         for name, value in own:
-            name = names.get(name) or self._checked_name(name)
-            if name in (b"content-length", b"connection", b"transfer-encoding"):
+            if name not in self._own_names and not self._own_name(name):
                 return None
             parts += (name, b": ", value, b"\r\n")
-        tail = b"".join(parts[1:])
+        tail = b"".join(parts)
         if self._bad_control(tail) or tail.count(b"\n") != len(own) or tail.count(b"\r") != len(own):
             raise RuntimeError("Invalid HTTP header value.")
-        parts.append(b"\r\n")
-        return b"".join(parts), memo[4]
+        return memo[3] + tail + b"\r\n", memo[4]
+
+    def _own_name(self, name: bytes) -> bool:
+        """Whether ``name`` may be a per-request field as it is (checked, lower case, not framing)."""
+        lower = self._names.get(name) or self._checked_name(name)
+        if lower != name or name in (b"content-length", b"connection", b"transfer-encoding"):
+            return False
+        if len(self._own_names) < 64:
+            self._own_names.add(name)
+        return True
 
     def _lines(self, status: int, headers: list[Field]) -> tuple[bytes, int] | None:
         """Status line and fields, checked (no final empty line), and the Content-Length."""

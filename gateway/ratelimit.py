@@ -63,7 +63,10 @@ class Policy:
         self.policy_field = (b"ratelimit-policy", b'"%s";q=%d;w=%d' % (self._tag, self.quota, self.window))
 
     def fields(self, remaining: int, reset_in: int) -> list[tuple[bytes, bytes]]:
-        return [self.policy_field, (b"ratelimit", b'"%s";r=%d;t=%d' % (self._tag, remaining, reset_in))]
+        return [self.policy_field, self.remaining_field(remaining, reset_in)]
+
+    def remaining_field(self, remaining: int, reset_in: int) -> tuple[bytes, bytes]:
+        return (b"ratelimit", b'"%s";r=%d;t=%d' % (self._tag, remaining, reset_in))
 
 
 class Verdict:
@@ -292,20 +295,22 @@ class RateLimitMiddleware:
         state["gateway.detail"] = problem.detail
         await send_problem(send, problem, head=scope["method"] == "HEAD")
 
-    def admit_now(self, scope: Scope, principal: Principal) -> list[tuple[bytes, bytes]] | None:
-        """Count the request and return its RateLimit fields, when it is admitted without an await.
+    def admit_now(self, scope: Scope, principal: Principal) -> tuple[tuple[bytes, bytes], ...] | None:
+        """Count the request and return its fields, when it is admitted without an await.
 
-        For the hot path. None when counters are not in this process or the request
-        is refused; a refused request is not counted (the algorithm counts only what
-        it admits), so ``__call__`` then decides it afresh.
+        For the hot path: ``(RateLimit-Policy, RateLimit)``, the first the same
+        object for every request of the policy; ``()`` when no limit applies.
+        None when counters are not in this process or the request is refused; a
+        refused request is not counted (the algorithm counts only what it
+        admits), so ``__call__`` then decides it afresh.
         """
         if route_path(scope) in NEVER_LIMITED:
-            return []
+            return ()
         policy, key = self._policy(scope, principal)
         if policy is None:
-            return []
+            return ()
         local = self.limiter.local
         if local is None:
             return None
         allowed, remaining, reset_in = local.hit(policy, key, policy.quota, policy.window)
-        return policy.fields(remaining, reset_in) if allowed else None
+        return (policy.policy_field, policy.remaining_field(remaining, reset_in)) if allowed else None

@@ -210,3 +210,18 @@ def test_per_request_fields_are_checked_too(encoder: Any, value: bytes) -> None:
 def test_per_request_fields_cannot_reframe_the_answer(encoder: Any) -> None:
     assert encoder.encode_split(200, [], [(b"content-length", b"0")], [(b"content-length", b"5")]) is None
     assert encoder.encode_split(200, [], [(b"content-length", b"0")], [(b"connection", b"close")]) is None
+
+
+def test_callers_on_different_policies_each_get_their_own(simulator: Simulator, make_gateway: Callable[..., Gateway]) -> None:
+    gw = make_gateway(simulator.url, {**TTL, "ratelimit": {"per_caller": "50/minute", "roles": {"admin": "70/minute"}}})
+    gw.add_key("dashboard", rate_limit="30/minute")
+    time.sleep(1.5)  # the key file is reloaded within a second
+    _exchange(gw, _request(gw, "viewer"))
+    policies = {"viewer": '"caller";q=50;w=60', "admin": '"caller";q=70;w=60', "dashboard": '"caller";q=30;w=60'}
+    with _connect(gw) as sock:
+        for _ in range(3):  # alternating on one connection: each answer carries its caller's policy
+            for name in policies:
+                sock.sendall(_request(gw, name))
+                (answer,) = _read_answers(sock, 1)
+                assert answer.status == 200 and answer.get("ratelimit-policy") == policies[name], name
+    assert (_hot_answered(gw) or 0) >= 8
