@@ -155,3 +155,13 @@ def test_access_log_off_writes_no_access_lines(simulator: Simulator, make_gatewa
         assert c.get(DEVICE_LIST).status_code == 200
     gw.stop()
     assert _access_lines(gw) == []
+
+
+def test_quoted_fields_are_remembered_within_a_bound() -> None:
+    from gateway.middleware import accesslog
+
+    for i in range(5000):  # a client sending ever new targets
+        accesslog._quote(f"/vars?name=/sys/x{i}")
+    assert len(accesslog._QUOTED) <= 4096
+    assert accesslog._quote("/a\nforged=1") == '"/a\\nforged=1"'  # past the bound, still quoted
+    assert accesslog._quote("key:abc") == "key:abc" and accesslog._quote("a b") == '"a b"'

@@ -148,8 +148,22 @@ def _json_line(
     return json.dumps(fields, separators=(",", ":"))
 
 
+# Quoted forms of the texts seen most (identities, names, targets, cache statuses): a poller
+# repeats them on every line. Bounded, since targets come from clients.
+_QUOTED: dict[str, str] = {}
+
+
 def _quote(text: str) -> str:
     """The field as is if it is a plain token, else a JSON string (what a log parser can undo)."""
+    quoted = _QUOTED.get(text)
+    if quoted is None:
+        quoted = _quote_new(text)
+        if len(_QUOTED) < 4096:
+            _QUOTED[text] = quoted
+    return quoted
+
+
+def _quote_new(text: str) -> str:
     if text.isascii() and text.isprintable() and '"' not in text and "\\" not in text:
         if text and " " not in text:
             return text
