@@ -57,9 +57,10 @@ def scrape(gw: Gateway, key: str = "admin") -> dict[tuple[str, tuple[tuple[str, 
 
 
 @pytest.fixture
-def utc(monkeypatch: pytest.MonkeyPatch) -> None:
-    # Legacy DATATIME carries no zone; the simulator writes local time, the gateway reads UTC.
-    monkeypatch.setenv("TZ", "UTC")
+def foreign_zone(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Not UTC on purpose: DATATIME carries no zone and both ends must read it as UTC whatever
+    # the machine's zone (the simulator once wrote local time and the tests pinned TZ=UTC).
+    monkeypatch.setenv("TZ", "America/Los_Angeles")
 
 
 # ---------------------------------------------------------------- /metrics
@@ -70,7 +71,7 @@ def site_daylight(sim: Simulator) -> bool:
     return bool(site["daylight"] and site["production_kw"] > 0)
 
 
-def test_metrics_production_equals_the_simulators_production_meter(utc: None, make_simulator, make_gateway) -> None:
+def test_metrics_production_equals_the_simulators_production_meter(foreign_zone: None, make_simulator, make_gateway) -> None:
     sim: Simulator = make_simulator(*SITE)
     gw = make_gateway(sim.url, SHORT_TTL)
 
@@ -287,7 +288,7 @@ def _read_both(gw: Gateway, raw_target: str) -> tuple[dict[str, Any], dict[str, 
     raise AssertionError("could not read a consistent pair")
 
 
-def test_summary_agrees_with_the_raw_device_list_and_the_simulator(utc: None, make_simulator, make_gateway) -> None:
+def test_summary_agrees_with_the_raw_device_list_and_the_simulator(foreign_zone: None, make_simulator, make_gateway) -> None:
     sim = make_simulator(*SITE)
     gw = make_gateway(sim.url)
     summary, device_list = _read_both(gw, "/cgi-bin/dl_cgi?Command=DeviceList")
@@ -306,7 +307,7 @@ def test_summary_agrees_with_the_raw_device_list_and_the_simulator(utc: None, ma
     assert summary["fetched_at"].endswith("Z") and summary["measured_at"].endswith("Z")
 
 
-def test_summary_is_the_same_for_legacy_and_localapi_firmware(utc: None, make_simulator, make_gateway) -> None:
+def test_summary_is_the_same_for_legacy_and_localapi_firmware(foreign_zone: None, make_simulator, make_gateway) -> None:
     legacy_sim = make_simulator(*SITE)
     local_sim = make_simulator("--firmware", "localapi", *SITE)
     legacy = make_gateway(legacy_sim.url)

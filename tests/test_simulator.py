@@ -16,6 +16,7 @@ import itertools
 import json
 import logging
 import os
+import datetime as dt
 import re
 import signal
 import socket
@@ -167,7 +168,9 @@ def test_devicelist_has_the_real_shape_and_the_models_values(make_sim: Callable[
                 assert isinstance(value, str), (key, value)
     for inv in invs:
         assert inv["STATE"] == "working" and float(inv["p_3phsum_kw"]) > 0
-        assert re.fullmatch(r"\d{4},\d\d,\d\d,12,00,00", inv["DATATIME"])  # the data interval's start
+        # The data interval's start (12:00 local on the simulated clock), written in UTC like the PVS's clock.
+        assert inv["DATATIME"] == dt.datetime.fromtimestamp(site["data_epoch"], dt.UTC).strftime("%Y,%m,%d,%H,%M,%S")
+        assert dt.datetime.fromtimestamp(site["data_epoch"]).strftime("%H:%M:%S") == "12:00:00"
     # DeviceList tells the same truth as /__sim/site, to the last printed digit.
     assert float(prod["p_3phsum_kw"]) == site["production_kw"] > 0.5
     assert float(cons["p_3phsum_kw"]) == site["net_kw"] == round(site["consumption_kw"] - site["production_kw"], 4)

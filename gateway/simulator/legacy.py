@@ -44,7 +44,8 @@ def num(x: float) -> str:
 
 
 def stamp(epoch: float) -> str:
-    return dt.datetime.fromtimestamp(epoch).strftime("%Y,%m,%d,%H,%M,%S")
+    """``DATATIME``/``CURTIME``: no zone in the text; the PVS's clock runs UTC (PVS-API.md, gateway.normalize)."""
+    return dt.datetime.fromtimestamp(epoch, dt.UTC).strftime("%Y,%m,%d,%H,%M,%S")
 
 
 def command_of(request: Request) -> str | None:
