@@ -12,6 +12,7 @@ a 429 adds ``Retry-After`` and a problem body naming the violated policy.
 
 from __future__ import annotations
 
+import collections
 import math
 import time
 from collections.abc import Callable, Hashable
@@ -168,9 +169,10 @@ class LocalWindows:
 class RateLimiter:
     def __init__(self, settings: RateLimitSettings) -> None:
         self.local = LocalWindows() if settings.storage.startswith("memory://") else None
-        # Failed credentials seen by this process, by IP: with local storage, an IP absent
-        # here cannot be blocked, so the per-request gate check needs no call into limits.
-        self._failed_at: dict[str, float] = {}
+        # Failed credentials seen by this process, by IP: the times of the last few. With local
+        # storage, an IP with fewer failures in the window than the limit cannot be blocked,
+        # so the per-request gate check needs no call into limits (see may_be_blocked).
+        self._failures: dict[str, collections.deque[float]] = {}
         uri = _async_uri(settings.storage)
         # limits defaults to coredis for async Redis; redis-py (the [redis] extra) is the better-kept client.
         options = {"implementation": "redispy"} if "redis" in uri else {}
@@ -180,6 +182,9 @@ class RateLimiter:
         self.per_caller = _policy("caller", settings.per_caller)
         self.per_ip = _policy("ip", settings.per_ip)
         self.auth_failures = _item(settings.auth_failures)
+        # Failures remembered per IP: enough to tell "under the limit" exactly for limits up
+        # to 16 (the default is 10); above that, 16 recent failures already count as "maybe".
+        self._tracked = min(self.auth_failures.amount, 16) if self.auth_failures is not None else 0
         self.roles = {role: _policy("caller", rate) for role, rate in settings.roles.items()}
         self._overrides: dict[str, Policy | None] = {}
         self.rejections: dict[str, int] = {}
@@ -223,10 +228,13 @@ class RateLimiter:
         if self.auth_failures is None:
             return True
         now = time.monotonic()
-        if len(self._failed_at) > 10000:
-            horizon = now - self.auth_failures.get_expiry()
-            self._failed_at = {k: v for k, v in self._failed_at.items() if v > horizon}
-        self._failed_at[ip] = now
+        if len(self._failures) > 10000:
+            horizon = now - self.auth_failures.get_expiry() - 1.0
+            self._failures = {k: v for k, v in self._failures.items() if v[-1] > horizon}
+        stamps = self._failures.get(ip)
+        if stamps is None:
+            stamps = self._failures[ip] = collections.deque(maxlen=self._tracked)
+        stamps.append(now)
         return await self._moving.hit(self.auth_failures, "auth_failures", ip)
 
     def may_be_blocked(self, ip: str) -> bool:
@@ -234,9 +242,13 @@ class RateLimiter:
         if self.auth_failures is None:
             return False
         if self.local is not None:
-            last = self._failed_at.get(ip)
-            if last is None or time.monotonic() - last > self.auth_failures.get_expiry():
-                return False  # no failure from this IP within the window: it cannot be blocked
+            stamps = self._failures.get(ip)
+            if stamps is None:
+                return False
+            # Blocked means as many failures in the moving window as the limit allows. Fewer of
+            # the last few within it (plus a second: limits keeps its own clock), and it is not.
+            horizon = time.monotonic() - self.auth_failures.get_expiry() - 1.0
+            return sum(1 for t in stamps if t > horizon) >= self._tracked
         return True
 
     async def auth_blocked_for(self, ip: str) -> float:

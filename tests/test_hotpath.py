@@ -9,6 +9,7 @@ same gateway in the same second.
 
 from __future__ import annotations
 
+import base64
 import socket
 import ssl
 import time
@@ -225,3 +226,54 @@ def test_callers_on_different_policies_each_get_their_own(simulator: Simulator, 
                 (answer,) = _read_answers(sock, 1)
                 assert answer.status == 200 and answer.get("ratelimit-policy") == policies[name], name
     assert (_hot_answered(gw) or 0) >= 8
+
+
+def test_varied_requests_get_the_answers_the_asgi_path_gives(simulator: Simulator, make_gateway: Callable[..., Gateway]) -> None:
+    gw = make_gateway(simulator.url, {**TTL, "auth": {"allow_anonymous_from": ["127.0.0.2/32"]}})
+    key = gw.keys["viewer"]
+    basic = base64.b64encode(f"x:{key}".encode()).decode()
+    good = [  # every credential form, and fields that change nothing
+        f"Authorization: Bearer {key}",
+        f"X-API-Key: {key}",
+        f"Authorization: Basic {basic}",
+        f"Authorization: bearer   {key}  ",
+        f"Authorization: Bearer nope\r\nAuthorization: Bearer {key}",  # the last one counts
+        f"Authorization: Bearer {key}\r\nContent-Length: 0",
+        f"Authorization: Bearer {key}\r\nX-Forwarded-For: 10.0.0.1",  # not from a trusted proxy
+        f"Authorization: Bearer {key}\r\nCookie: session=forged",  # the key comes first
+    ]
+    bad = [
+        f"Authorization: Bearer {key}\r\nAuthorization: Bearer nope",
+        f"Authorization: Bearer {key}x",
+        "User-Agent: no-credentials",
+        "Cookie: session=forged",
+    ]
+    targets = [
+        DEVICE_LIST,
+        DEVICE_LIST + "&Command=DeviceList",
+        "/cgi-bin/dl_cgi?command=devicelist",
+        "/cgi-bin/dl_cgi?Command=DeviceList%00",
+        "/cgi-bin/dl_cgi?Command=Start",
+        "/cgi-bin/dl_cgi/supervisor/info",
+    ]
+    _exchange(gw, _request(gw, "viewer"))  # stored
+    _exchange(gw, _request(gw, "viewer", "/cgi-bin/dl_cgi/supervisor/info"))
+    # Every valid credential form takes the hot path (first: past 16 recent failed credentials
+    # from one address, below, its requests go the ASGI way until they age out).
+    before = _hot_answered(gw) or 0
+    for head in good:
+        (a,) = _exchange(gw, f"GET {DEVICE_LIST} HTTP/1.1\r\nHost: gw\r\n{head}\r\n\r\n".encode())
+        assert a.status == 200, head
+    assert (_hot_answered(gw) or 0) - before == len(good)
+    for method in ("GET", "HEAD"):
+        for target in targets:
+            for head in good + bad:
+                raw = f"{method} {target} HTTP/1.1\r\nHost: gw\r\n{head}\r\n\r\n"
+                head_only = frozenset({0}) if method == "HEAD" else frozenset()
+                for _ in range(3):  # compared within one second of the entry's age
+                    (a,) = _exchange(gw, raw.encode(), head_only=head_only)
+                    (b,) = _exchange(gw, raw.replace("HTTP/1.1", "HTTP/1.0").encode(), head_only=head_only)
+                    if dict(a.fields).get("age") == dict(b.fields).get("age"):
+                        break
+                assert (a.status, a.body) == (b.status, b.body), raw
+                assert a.stable_fields() == b.stable_fields(), raw

@@ -175,3 +175,25 @@ def test_credit_gives_the_exact_algorithms_decisions() -> None:
             assert remaining <= exact_remaining
             decisions += not allowed
         assert decisions > 0  # the timelines do reach the limits
+
+
+def test_an_address_is_maybe_blocked_only_once_it_has_failed_as_often_as_allowed() -> None:
+    import asyncio
+
+    from gateway.ratelimit import RateLimiter
+    from gateway.settings import RateLimitSettings
+
+    async def scenario() -> list[tuple[bool, float]]:
+        limiter = RateLimiter(RateLimitSettings(auth_failures="3/minute"))
+        seen = []
+        for _ in range(4):
+            seen.append((limiter.may_be_blocked("192.0.2.7"), await limiter.auth_blocked_for("192.0.2.7")))
+            await limiter.auth_failure("192.0.2.7")
+        seen.append((limiter.may_be_blocked("192.0.2.7"), await limiter.auth_blocked_for("192.0.2.7")))
+        assert not limiter.may_be_blocked("192.0.2.8")
+        return seen
+
+    seen = asyncio.run(scenario())
+    # One or two failures: certainly not blocked, no call into limits needed. From the third, limits decides.
+    assert [maybe for maybe, _ in seen] == [False, False, False, True, True]
+    assert [wait > 0 for _, wait in seen] == [False, False, False, True, True]
