@@ -44,6 +44,8 @@ class Entry:
     # The proxy's answer head for this entry, kept for as long as it stays the same (a second
     # at most: Age and the freshness fields count seconds); see Proxy._answer_headers.
     answer_memo: Any = None
+    # (whole seconds of freshness left, the Cache-Status text of a hit then): made once a second.
+    hit_status: tuple[int, str] | None = None
 
     @property
     def size(self) -> int:
@@ -110,7 +112,11 @@ class ResponseCache:
         if entry is not None:
             age = self._clock() - entry.stored
             if age < entry.ttl:
-                return Lookup(entry, age, f"{NAME}; hit; ttl={int(entry.ttl - age)}")
+                left = int(entry.ttl - age)
+                status = entry.hit_status
+                if status is None or status[0] != left:
+                    status = entry.hit_status = (left, f"{NAME}; hit; ttl={left}")
+                return Lookup(entry, age, status[1])
         return None
 
     def count_hit(self, key: str) -> None:

@@ -553,7 +553,10 @@ class KeyStore:
             if known is not None:
                 t = time.time()
                 if t < known[1]:
-                    self._note_use(known[0].id, t)
+                    kid = known[0].id
+                    # Last-used times are kept to the second (and written out far less often).
+                    if t - self._usage.get(kid, 0.0) >= 1.0:
+                        self._note_use(kid, t)
                     return known[0]
         kid = key_id(presented)
         if kid is None:

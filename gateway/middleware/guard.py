@@ -99,9 +99,14 @@ class GuardMiddleware:
         headers = scope["headers"]
         if len(headers) > self.max_header_count:
             return RequestRejected(f"more than {self.max_header_count} header fields", status=431)
-        if sum(len(k) + len(v) for k, v in headers) > self.max_header_bytes:
+        size = 0
+        body = False
+        for name, value in headers:  # one pass: this runs for every request
+            size += len(name) + len(value)
+            if name == b"content-length" or name == b"transfer-encoding":
+                body = body or name == b"transfer-encoding" or value.strip() not in (b"", b"0")
+        if size > self.max_header_bytes:
             return RequestRejected(f"header fields larger than {self.max_header_bytes} bytes", status=431)
-        for name, value in headers:
-            if (name == b"content-length" and value.strip() not in (b"", b"0")) or name == b"transfer-encoding":
-                return RequestRejected("GET and HEAD requests must not carry a body", status=400)
+        if body:
+            return RequestRejected("GET and HEAD requests must not carry a body", status=400)
         return None
