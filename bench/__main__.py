@@ -164,7 +164,7 @@ def main() -> int:
         section("throughput", lambda: throughput.run(
             work / "throughput", upstream, body_file, connections=[16, 64], runs=runs, duration=duration,
             warmup=1.0 if q else 2.0, paced_delay_ms=20, retry_budget=0 if q else 6,
-            limit_pairs=4 if q else 10, limit_pair_s=1.0 if q else 3.0, log=log))
+            limit_pairs=4 if q else 16, limit_pair_s=1.0 if q else 4.0, log=log))
         section("profile", lambda: profile.run(work / "profile", upstream, out_dir, seconds=3 if q else 8, log=log))
         section("swr", lambda: swr.run(work / "swr", duration=5.0 if q else 10.0, connections=8, delay_ms=20, log=log))
         section("storm", lambda: storm.run(work / "storm", callers=24, duration=6.0 if q else 15.0, ttl=2.0, min_interval=0.2, log=log))
