@@ -35,11 +35,11 @@ from gateway.budget import UpstreamBudget
 from gateway.cache import ResponseCache
 from gateway.errors import PROBLEM_TYPE, problem_body
 from gateway.health import UpstreamHealth
+from gateway.hotpath import HotPath
 from gateway.logbuffer import LineBuffer
 from gateway.middleware.accesslog import AccessLogMiddleware
 from gateway.middleware.forwarded import ForwardedMiddleware, parse_networks
 from gateway.middleware.guard import GuardMiddleware
-from gateway.hotpath import HotPath
 from gateway.poller import Poller
 from gateway.proxy import Proxy, is_proxied
 from gateway.ratelimit import RateLimiter, RateLimitMiddleware

@@ -36,12 +36,13 @@ from collections.abc import Callable
 from typing import Any
 
 from gateway.errors import _TITLES, PROBLEM_TYPE, problem_body
+from gateway.responses import Header
 from gateway.settings import ServerSettings
 
 log = logging.getLogger("gateway.access")
 
 # gateway.hotpath.HotPath.answer: (scope, respond(status, fixed fields, own fields, body)) -> answered.
-HotAnswer = Callable[[dict[str, Any], Callable[[int, list[Any], list[Any], bytes], None]], bool]
+HotAnswer = Callable[[dict[str, Any], Callable[[int, list[Header], list[Header], bytes], None]], bool]
 
 # Same fields GuardMiddleware adds to every answer.
 _SECURITY = (
@@ -144,7 +145,7 @@ def protocol_class(server: ServerSettings, hot: HotAnswer | None = None) -> type
             super()._start_asgi_task(cycle, app)
 
         def _answer_hot(self, cycle: Any) -> bool:
-            def respond(status: int, fixed: list[Field], own: list[Field], body: bytes) -> None:
+            def respond(status: int, fixed: list[Header], own: list[Header], body: bytes) -> None:
                 assert encoder is not None
                 encoded = encoder.encode_split(status, self.server_state.default_headers, fixed, own)
                 if encoded is None or (body and len(body) != encoded[1]):
@@ -170,10 +171,7 @@ def protocol_class(server: ServerSettings, hot: HotAnswer | None = None) -> type
             if cycle.disconnected or self.transport.is_closing():
                 return
             self.transport.write(data)
-            cycle.response_complete = True
-            if not cycle.keep_alive:  # shutdown() began while the answer waited for this pass
-                self.transport.close()
-            cycle.on_response()
+            cycle.complete()  # closes if shutdown() began while the answer waited for this pass
 
         def on_response_complete(self) -> None:
             super().on_response_complete()
@@ -224,8 +222,6 @@ def protocol_class(server: ServerSettings, hot: HotAnswer | None = None) -> type
     return GuardedHttpToolsProtocol
 
 
-Field = tuple[bytes, bytes]
-
 
 def head_encoder(impl: Any) -> HeadEncoder | None:
     """The encoder for this uvicorn; None if uvicorn's header checks changed (its own send is kept then)."""
@@ -259,14 +255,14 @@ class HeadEncoder:
         self._names: dict[bytes, bytes] = {}
         self._own_names: set[bytes] = set()
         # id(fixed) -> (fixed, default, status, encoded lines, content length): see encode_split.
-        self._blocks: dict[int, tuple[list[Field], list[Field], int, bytes, int]] = {}
+        self._blocks: dict[int, tuple[list[Header], list[Header], int, bytes, int]] = {}
 
-    def encode(self, status: int, headers: list[Field]) -> tuple[bytes, int] | None:
+    def encode(self, status: int, headers: list[Header]) -> tuple[bytes, int] | None:
         """The whole head (status line to empty line) and the Content-Length."""
         lines = self._lines(status, headers)
         return None if lines is None else (lines[0] + b"\r\n", lines[1])
 
-    def encode_split(self, status: int, default: list[Field], fixed: list[Field], own: list[Field]) -> tuple[bytes, int] | None:
+    def encode_split(self, status: int, default: list[Header], fixed: list[Header], own: list[Header]) -> tuple[bytes, int] | None:
         """``encode(status, [*default, *fixed, *own])``, with the part up to ``own`` made once.
 
         ``default`` and ``fixed`` must be lists that are not changed once made
@@ -302,7 +298,7 @@ class HeadEncoder:
             self._own_names.add(name)
         return True
 
-    def _lines(self, status: int, headers: list[Field]) -> tuple[bytes, int] | None:
+    def _lines(self, status: int, headers: list[Header]) -> tuple[bytes, int] | None:
         """Status line and fields, checked (no final empty line), and the Content-Length."""
         length = None
         parts = [self._status_line[status]]
@@ -389,10 +385,14 @@ def coalescing_cycle(impl: Any, encoder: HeadEncoder | None) -> type:
             if not message.get("more_body", False):
                 if self.expected_content_length != 0:
                     raise RuntimeError("Response content shorter than Content-Length")
-                self.response_complete = True
-                self.message_event.set()
-                if not self.keep_alive:
-                    self.transport.close()
-                self.on_response()
+                self.complete()
+
+        def complete(self) -> None:
+            """The answer's last bytes are written: uvicorn's end of a response (this and the hot path's)."""
+            self.response_complete = True
+            self.message_event.set()
+            if not self.keep_alive:
+                self.transport.close()
+            self.on_response()
 
     return CoalescingCycle

@@ -38,6 +38,7 @@ from starlette.types import Scope
 from gateway import __version__
 from gateway.allowlist import COMMANDS, PATHS
 from gateway.normalize import Site
+from gateway.scopes import strip_root
 from gateway.settings import Settings
 
 PREFIX = "pvsgw_"
@@ -66,8 +67,7 @@ ROUTES = {
 
 def route_label(path: str, root: str = "") -> str:
     """The route a request's full path (``scope["path"]``, under ``root_path``) is counted under."""
-    if root and path.startswith(root):
-        path = path[len(root) :] or "/"
+    path = strip_root(path, root)
     label = ROUTES.get(path)
     if label is not None:
         return label

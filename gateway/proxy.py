@@ -75,7 +75,6 @@ class Proxy:
         self._max_params = settings.server.max_query_params
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        head = scope["method"] == "HEAD"
         try:
             resource = self.resolve(scope)
             if resource.kind == "local":
@@ -84,11 +83,9 @@ class Proxy:
             lookup = await self.lookup(resource)
         except GatewayError as exc:
             scope.setdefault("state", {})["gateway.detail"] = exc.detail
-            await send_problem(send, exc, head=head)
+            await send_problem(send, exc, head=scope["method"] == "HEAD")
             return
-        scope.setdefault("state", {})["gateway.cache"] = lookup.cache_status
-        entry = lookup.entry
-        await send_prepared(send, entry.status, self._answer_headers(lookup), b"" if head else entry.body)
+        await send_prepared(send, *self._answer(scope, lookup))
 
     def fresh_now(self, scope: Scope) -> tuple[str, Lookup] | None:
         """The request's resource key and fresh cache hit, found without an await or a side effect.
@@ -108,7 +105,10 @@ class Proxy:
     def answer_now(self, scope: Scope, key: str, lookup: Lookup) -> tuple[int, list[Header], bytes]:
         """What ``__call__`` sends for the hit ``fresh_now`` found: status, fields, body."""
         self._cache.count_hit(key)
-        scope["state"]["gateway.cache"] = lookup.cache_status
+        return self._answer(scope, lookup)
+
+    def _answer(self, scope: Scope, lookup: Lookup) -> tuple[int, list[Header], bytes]:
+        scope.setdefault("state", {})["gateway.cache"] = lookup.cache_status
         entry = lookup.entry
         return entry.status, self._answer_headers(lookup), b"" if scope["method"] == "HEAD" else entry.body
 

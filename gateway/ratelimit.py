@@ -28,7 +28,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from gateway.auth import Principal
 from gateway.errors import GatewayError
 from gateway.responses import send_problem
-from gateway.scopes import route_path
+from gateway.scopes import client_ip, route_path
 from gateway.settings import RateLimitSettings
 
 QUOTA_EXCEEDED = "https://iana.org/assignments/http-problem-types#quota-exceeded"
@@ -264,8 +264,7 @@ class RateLimiter:
         """The per-IP policy for requests without an identity."""
         if self.per_ip is None:
             return None
-        ip = scope["client"][0] if scope.get("client") else "unknown"
-        return await self.check(self.per_ip, ip)
+        return await self.check(self.per_ip, client_ip(scope))
 
 
 class RateLimitMiddleware:
@@ -277,7 +276,7 @@ class RateLimitMiddleware:
 
     def _policy(self, scope: Scope, principal: Principal | None) -> tuple[Policy | None, str]:
         if principal is None or principal.method == "anonymous":
-            return self.limiter.per_ip, (scope["client"][0] if scope.get("client") else "unknown")
+            return self.limiter.per_ip, client_ip(scope)
         return self.limiter.policy_for(principal), principal.id
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:

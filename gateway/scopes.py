@@ -7,10 +7,13 @@ from starlette.types import Scope
 
 def route_path(scope: Scope) -> str:
     """The path inside the app: ``scope["path"]`` without a ``root_path`` prefix."""
-    path: str = scope["path"]
-    root = scope.get("root_path", "")
+    return strip_root(scope["path"], scope.get("root_path", ""))
+
+
+def strip_root(path: str, root: str) -> str:
+    """A full path (Starlette's ``scope["path"]``, which includes ``root_path``) without ``root``."""
     if root and path.startswith(root):
-        path = path[len(root) :] or "/"
+        return path[len(root) :] or "/"
     return path
 
 

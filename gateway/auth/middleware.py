@@ -30,7 +30,7 @@ from gateway.auth import Principal
 from gateway.errors import GatewayError
 from gateway.middleware.forwarded import Network, in_networks
 from gateway.responses import send_problem
-from gateway.scopes import route_path
+from gateway.scopes import client_ip, route_path
 
 log = logging.getLogger("gateway.auth")
 
@@ -221,7 +221,7 @@ class AuthMiddleware:
             await self.app(scope, receive, send)
             return
         state = scope.setdefault("state", {})
-        ip = scope["client"][0] if scope.get("client") else "unknown"
+        ip = client_ip(scope)
         head = scope["method"] == "HEAD"
 
         wait = await self.gate.retry_after(ip) if self.gate.may_be_blocked(ip) else 0.0
@@ -269,7 +269,6 @@ class AuthMiddleware:
             return
         await self.app(scope, receive, send)
 
-
     def admit_now(self, scope: Scope) -> Principal | None:
         """The principal ``__call__`` would pass inward, when that is certain without an await.
 
@@ -281,7 +280,7 @@ class AuthMiddleware:
         path = route_path(scope)
         if path in OPEN_PATHS or path in self.anonymous_paths or path in SELF_CHECKED or path in self.admin_paths:
             return None
-        ip = scope["client"][0] if scope.get("client") else "unknown"
+        ip = client_ip(scope)
         if self.gate.may_be_blocked(ip):
             return None
         try:

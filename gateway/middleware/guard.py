@@ -52,7 +52,7 @@ class GuardMiddleware:
         extra: list[tuple[bytes, bytes]] = state.setdefault("gateway.headers", [])
         https = scope.get("scheme") == "https"
         secure = self.secure_https if https else self.secure_http
-        every = self.all_https if https else self.all_http
+        every = self.fields_for(scope)
         request_id = state.get("request_id", "").encode()
 
         async def send_secured(message: Message) -> None:
