@@ -145,6 +145,7 @@ def create_app(
             routes.stats(
                 cache, upstream, parts.per_identity, time.monotonic(), observed.timings,
                 hot_answered=lambda: parts.hot.answered if parts.hot is not None else None,
+                hot_repeats=lambda: parts.hot.repeats if parts.hot is not None else None,
             ),
         ),
         Route("/auth/verify", routes.verify),

@@ -59,6 +59,7 @@ class HotPath:
         # With the OIDC login on, a cookie may carry a login session that its middleware maintains.
         self.cookie_sessions = cookie_sessions
         self.answered = 0  # requests the hot path answered (``/stats``, tests)
+        self.repeats = 0  # requests not parsed again, counted by the protocol (``/stats``, tests)
         # (id(proxy fields), id(RateLimit-Policy)) -> (proxy fields, security fields, RateLimit-Policy,
         # all three): one list per cache entry, second and policy, so the protocol encodes that
         # part of the head once (HeadEncoder.encode_split).

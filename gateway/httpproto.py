@@ -13,7 +13,8 @@ once the head is complete. So, per connection:
   request). A partial head past the deadline gets ``408`` and the connection is
   closed; a connection that sent nothing at all is closed without an answer
   (there is no request to answer, and a 408 on an idle connection would race
-  the client's next request);
+  the client's next request). The same deadline, counted from the last
+  answer, closes idle keep-alive connections in place of uvicorn's timer;
 - a head larger than the URL and header limits together (plus framing slack)
   gets ``414`` (the URL alone is over ``max_url_length``) or ``431`` as soon
   as that many bytes have arrived, and the connection is closed. Heads under
@@ -33,7 +34,7 @@ import asyncio
 import logging
 import re
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
 from gateway.errors import _TITLES, PROBLEM_TYPE, problem_body
 from gateway.responses import Header
@@ -41,8 +42,16 @@ from gateway.settings import ServerSettings
 
 log = logging.getLogger("gateway.access")
 
-# gateway.hotpath.HotPath.answer: (scope, respond(status, fixed fields, own fields, body)) -> answered.
-HotAnswer = Callable[[dict[str, Any], Callable[[int, list[Header], list[Header], bytes], None]], bool]
+
+
+class FastPath(Protocol):
+    """What the protocol needs of ``gateway.hotpath.HotPath``."""
+
+    repeats: int  # requests whose parse was skipped (see _repeat): the protocol counts them here
+
+    def answer(self, scope: dict[str, Any], respond: Callable[[int, list[Header], list[Header], bytes], None]) -> bool:
+        """(scope, respond(status, fixed fields, own fields, body)) -> answered."""
+        ...
 
 # Same fields GuardMiddleware adds to every answer.
 _SECURITY = (
@@ -61,10 +70,12 @@ def head_cap(server: ServerSettings) -> int:
     return server.max_url_length + server.max_header_bytes + 8 * server.max_header_count + 1024
 
 
-def protocol_class(server: ServerSettings, hot: HotAnswer | None = None) -> type[asyncio.Protocol] | str:
+def protocol_class(server: ServerSettings, fast: FastPath | None = None) -> type[asyncio.Protocol] | str:
     """The protocol class for ``uvicorn.Config(http=...)``; "h11" if httptools is missing.
 
-    ``hot`` (``GatewayApp.hot.answer``) is offered each request before an ASGI task is made for it.
+    With ``fast`` (``GatewayApp.hot``, present unless ``server.hot_path`` is off) each
+    request is offered to ``fast.answer`` before an ASGI task is made for it, and a request
+    repeated byte for byte on its connection is not parsed again (``_repeat``).
     """
     try:
         from uvicorn.protocols.http import httptools_impl
@@ -74,7 +85,8 @@ def protocol_class(server: ServerSettings, hot: HotAnswer | None = None) -> type
     encoder = head_encoder(httptools_impl)
     coalescing = coalescing_cycle(httptools_impl, encoder)
     if encoder is None:
-        hot = None  # its answers are encoded by the same code
+        fast = None  # its answers are encoded by the same code
+    hot = fast.answer if fast is not None else None
 
     class GuardedHttpToolsProtocol(HttpToolsProtocol):
         head_timeout = float(server.keepalive_timeout)
@@ -83,29 +95,49 @@ def protocol_class(server: ServerSettings, hot: HotAnswer | None = None) -> type
 
         def __init__(self, *args: Any, **kwargs: Any) -> None:
             super().__init__(*args, **kwargs)
-            self._head_timer: asyncio.TimerHandle | None = None
+            # One deadline per connection, for the idle time before a request and for its head
+            # (see _set_deadline); uvicorn's own keep-alive timer is never armed.
+            self._deadline: float | None = None
+            self._deadline_timer: asyncio.TimerHandle | None = None
             self._head_bytes = 0
             self._reading_head = True  # the next bytes belong to a request head
+            # The parse of the last request that came alone in one read: its bytes and scope
+            # (see _repeat). _parsed collects the scopes parsed from the read being fed.
+            self._repeat_bytes: bytes | None = None
+            self._repeat_scope: dict[str, Any] | None = None
+            self._parsed: list[dict[str, Any] | None] | None = None
 
         def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
             super().connection_made(transport)
-            self._arm()  # a connection that never sends a request is closed after the deadline
+            self._set_deadline()  # a connection that never sends a request is closed after the deadline
 
         def connection_lost(self, exc: Exception | None) -> None:
-            self._disarm()
+            self._deadline = None
+            if self._deadline_timer is not None:
+                self._deadline_timer.cancel()
+                self._deadline_timer = None
             super().connection_lost(exc)
 
         def data_received(self, data: bytes) -> None:
             if not self._reading_head:
                 super().data_received(data)
                 return
+            if data == self._repeat_bytes and self._may_repeat():
+                self._repeat()
+                return
             room = self.max_head - self._head_bytes
             if len(data) <= room:
+                first_bytes = not self._head_bytes
+                remember = first_bytes and fast is not None and self._may_repeat()
                 self._head_bytes += len(data)
-                super().data_received(data)
-                # A head that arrived whole costs no timer; a partial one starts the deadline.
-                if self._reading_head and self._head_timer is None and not self.transport.is_closing():
-                    self._arm()
+                if remember:
+                    self._parse_and_remember(data)
+                else:
+                    super().data_received(data)
+                # The idle deadline ends with the first byte; a head that arrived whole has none
+                # (on_headers_complete), a partial one has its own from its first byte.
+                if self._reading_head and first_bytes and not self.transport.is_closing():
+                    self._set_deadline()
                 return
             # Parse only up to one byte past the cap: either the head completes within it
             # (the rest is the next request), or it is refused with what was parsed so far.
@@ -126,13 +158,18 @@ def protocol_class(server: ServerSettings, hot: HotAnswer | None = None) -> type
         def on_headers_complete(self) -> None:
             self._reading_head = False
             self._head_bytes = 0
-            self._disarm()
+            self._deadline = None  # none while the app works on the request, as in uvicorn
+            if self._parsed is not None:
+                self._parsed.append(None)  # uvicorn's scope, if it starts the request at once
             super().on_headers_complete()
 
         def _start_asgi_task(self, cycle: Any, app: Any) -> None:
             # uvicorn builds its RequestResponseCycle inline in on_headers_complete; every cycle,
             # pipelined ones included, starts here, so this is where it gets the coalescing send.
             cycle.__class__ = coalescing
+            if self._parsed:
+                # As parsed, before any layer adds to it; the headers list is copied on use.
+                self._parsed[-1] = {**cycle.scope, "state": None}
             if (
                 hot is not None
                 and app is self.app  # not uvicorn's 503 for limit_concurrency
@@ -147,14 +184,14 @@ def protocol_class(server: ServerSettings, hot: HotAnswer | None = None) -> type
         def _answer_hot(self, cycle: Any) -> bool:
             def respond(status: int, fixed: list[Header], own: list[Header], body: bytes) -> None:
                 assert encoder is not None
-                encoded = encoder.encode_split(status, self.server_state.default_headers, fixed, own)
+                encoded = encoder.encode_split(status, self.server_state.default_headers, fixed, own, body)
                 if encoded is None or (body and len(body) != encoded[1]):
                     raise RuntimeError("the hot path made an answer it cannot send in one write")
                 cycle.response_started = True
                 # Written on the loop's next pass, with the other connections' answers: reads
                 # first, then writes. Writing from inside the read callback (TLS decryption in
                 # progress) halved throughput in bench/, below the ASGI path's.
-                self.loop.call_soon(self._send_hot, cycle, encoded[0] + body if body else encoded[0])
+                self.loop.call_soon(self._send_hot, cycle, encoded[0])
 
             try:
                 return hot(cycle.scope, respond)
@@ -174,37 +211,122 @@ def protocol_class(server: ServerSettings, hot: HotAnswer | None = None) -> type
             cycle.complete()  # closes if shutdown() began while the answer waited for this pass
 
         def on_response_complete(self) -> None:
-            super().on_response_complete()
-            # Idle time until the next request is uvicorn's keep-alive timer; its first byte starts our deadline.
+            # uvicorn's, with our deadline for its keep-alive timer (a timer made and cancelled
+            # per request cost more than a cache hit's rate-limit check).
+            self.server_state.total_requests += 1
+            if self.transport.is_closing():
+                return
             self._reading_head = True
             self._head_bytes = 0
+            self.flow.resume_reading()
+            if self.pipeline:
+                cycle, app = self.pipeline.pop()
+                self._start_asgi_task(cycle, app)
+            else:
+                self._set_deadline()
 
         def send_400_response(self, msg: str) -> None:
             self._refuse(400, "malformed HTTP request")
 
         # ------------------------------------------------------------------
 
-        def _arm(self) -> None:
-            self._disarm()
-            self._head_timer = self.loop.call_later(self.head_timeout, self._head_deadline)
+        # -- requests repeated byte for byte ----------------------------------
 
-        def _disarm(self) -> None:
-            if self._head_timer is not None:
-                self._head_timer.cancel()
-                self._head_timer = None
+        def _may_repeat(self) -> bool:
+            """At a request boundary, with nothing in progress: where uvicorn would start a request at once."""
+            return (
+                not self._head_bytes
+                and not self.pipeline
+                and (self.cycle is None or self.cycle.response_complete)
+                and self.limit_concurrency is None
+                and not self.transport.is_closing()
+            )
 
-        def _head_deadline(self) -> None:
-            self._head_timer = None
-            if self.transport.is_closing() or not self._reading_head:
+        def _parse_and_remember(self, data: bytes) -> None:
+            """Feed ``data`` to the parser; if it held exactly one whole request without a body,
+            remember its bytes and scope for ``_repeat``."""
+            self._parsed = []
+            try:
+                super().data_received(data)
+            finally:
+                parsed, self._parsed = self._parsed, None
+            cycle = self.cycle
+            if (
+                len(parsed) == 1
+                and parsed[0] is not None
+                and cycle is not None
+                and cycle.scope["method"] in ("GET", "HEAD")  # what the hot path takes
+                and not cycle.more_body  # the parser saw the request's end in this read
+                and not cycle.body
+                and cycle.keep_alive
+                and not self.expect_100_continue
+                and not self._reading_head  # no second request began
+            ):
+                self._repeat_bytes, self._repeat_scope = data, parsed[0]
+            else:
+                self._repeat_bytes = self._repeat_scope = None
+
+        def _repeat(self) -> None:
+            """The request parsed last, again: what the parser's callbacks would do, without them.
+
+            A poller sends the same bytes on every request of a keep-alive connection.
+            The parser is deterministic, so the same bytes at a request boundary give
+            the same request; only the parse is skipped. The new cycle is started as
+            uvicorn starts one, and every decision about it is taken anew (hot path or app).
+            """
+            memo = self._repeat_scope
+            assert memo is not None and fast is not None
+            fast.repeats += 1
+            self._reading_head = False
+            self._deadline = None
+            scope = {**memo, "headers": memo["headers"].copy(), "state": self.app_state.copy()}
+            self.scope = scope
+            self.headers = scope["headers"]
+            cycle = coalescing(
+                scope=scope,
+                transport=self.transport,
+                flow=self.flow,
+                logger=self.logger,
+                access_logger=self.access_logger,
+                access_log=self.access_log,
+                default_headers=self.server_state.default_headers,
+                message_event=asyncio.Event(),
+                expect_100_continue=False,
+                keep_alive=True,
+                on_response=self.on_response_complete,
+            )
+            cycle.more_body = False  # on_message_complete: the request had no body
+            cycle.message_event.set()
+            self.cycle = cycle
+            self._start_asgi_task(cycle, self.app)
+
+        def _set_deadline(self) -> None:
+            """The next request head must be complete ``head_timeout`` seconds from now.
+
+            Deadlines only move later (always now plus the same timeout), so one timer per
+            connection suffices: when it fires early it is set again for the current deadline,
+            and a request costs a clock read instead of a timer made and cancelled.
+            """
+            self._deadline = self.loop.time() + self.head_timeout
+            if self._deadline_timer is None:
+                self._deadline_timer = self.loop.call_at(self._deadline, self._deadline_passed)
+
+        def _deadline_passed(self) -> None:
+            self._deadline_timer = None
+            if self._deadline is None or self.transport.is_closing():
+                return  # a request is being answered; its end sets the next deadline
+            if self.loop.time() < self._deadline:
+                self._deadline_timer = self.loop.call_at(self._deadline, self._deadline_passed)
                 return
+            self._deadline = None
             if self._head_bytes:
                 self._refuse(408, f"request head not complete within {self.head_timeout:g} s")
             else:
-                self.transport.close()
+                self.transport.close()  # idle: uvicorn's keep-alive close
 
         def _refuse(self, status: int, detail: str) -> None:
             """Answer a problem and close, without the app: the request never became one."""
-            self._disarm()
+            self._deadline = None
             self._reading_head = False
             body = problem_body(status, detail)
             head = [b"HTTP/1.1 %d %s\r\n" % (status, _TITLES.get(status, "Error").encode())]
@@ -221,6 +343,10 @@ def protocol_class(server: ServerSettings, hot: HotAnswer | None = None) -> type
 
     return GuardedHttpToolsProtocol
 
+
+
+# Every control character but TAB: what uvicorn's HEADER_VALUE_RE refuses in a field value.
+_CONTROL = bytes(c for c in range(32) if c != 9) + b"\x7f"
 
 
 def head_encoder(impl: Any) -> HeadEncoder | None:
@@ -262,14 +388,18 @@ class HeadEncoder:
         lines = self._lines(status, headers)
         return None if lines is None else (lines[0] + b"\r\n", lines[1])
 
-    def encode_split(self, status: int, default: list[Header], fixed: list[Header], own: list[Header]) -> tuple[bytes, int] | None:
-        """``encode(status, [*default, *fixed, *own])``, with the part up to ``own`` made once.
+    def encode_split(
+        self, status: int, default: list[Header], fixed: list[Header], own: list[Header], body: bytes = b""
+    ) -> tuple[bytes, int] | None:
+        """``encode(status, [*default, *fixed, *own])`` followed by ``body``, with the part up to
+        ``own`` made once.
 
         ``default`` and ``fixed`` must be lists that are not changed once made
         (uvicorn's Date fields, replaced each second; a cache entry's fields,
         replaced when its age changes): they are recognised by identity.
         ``own`` (per-request fields) must have lower-case names and not carry the
-        framing fields; else None.
+        framing fields; else None. The body is joined here so that the answer is
+        copied once, not once for the head and again with the body.
         """
         memo = self._blocks.get(id(fixed))
         if memo is None or memo[0] is not fixed or memo[1] is not default or memo[2] != status:
@@ -279,15 +409,17 @@ class HeadEncoder:
             if len(self._blocks) >= 64:  # one per cached resource and second: few at a time
                 self._blocks.clear()
             memo = self._blocks[id(fixed)] = (fixed, default, status, lines[0], lines[1])
-        parts: list[bytes] = []
+        parts = [memo[3]]
+        own_names = self._own_names
         for name, value in own:
-            if name not in self._own_names and not self._own_name(name):
+            if name not in own_names and not self._own_name(name):
                 return None
+            # uvicorn's value check (no control character but TAB), as one C call per value.
+            if len(value.translate(None, _CONTROL)) != len(value):
+                raise RuntimeError("Invalid HTTP header value.")
             parts += (name, b": ", value, b"\r\n")
-        tail = b"".join(parts)
-        if self._bad_control(tail) or tail.count(b"\n") != len(own) or tail.count(b"\r") != len(own):
-            raise RuntimeError("Invalid HTTP header value.")
-        return memo[3] + tail + b"\r\n", memo[4]
+        parts += (b"\r\n", body)
+        return b"".join(parts), memo[4]
 
     def _own_name(self, name: bytes) -> bool:
         """Whether ``name`` may be a per-request field as it is (checked, lower case, not framing)."""

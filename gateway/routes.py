@@ -60,6 +60,7 @@ def stats(
     started: float,
     timings: Callable[[], dict[str, dict[str, float]]] | None = None,
     hot_answered: Callable[[], int | None] = lambda: None,
+    hot_repeats: Callable[[], int | None] = lambda: None,
 ) -> Callable[[Request], Any]:
     async def endpoint(request: Request) -> Response:
         s = cache.stats
@@ -90,6 +91,8 @@ def stats(
             "identities": per_identity,
             # Cache hits answered by gateway.hotpath (None: hot_path off); the rest went through ASGI.
             "hot_path_answered": hot_answered(),
+            # Requests whose bytes repeated their connection's previous request: not parsed again.
+            "hot_path_repeats": hot_repeats(),
         }
         return JSONResponse(body, headers=NO_STORE)
 

@@ -53,7 +53,7 @@ def _uvicorn_config(app: object, host: str, port: int, settings: Settings) -> uv
         lifespan="on",
         timeout_keep_alive=int(settings.server.keepalive_timeout),
         # Deadline and size cap on request heads (slow clients, huge headers): see gateway.httpproto.
-        http=protocol_class(settings.server, hot=hot.answer if hot is not None else None),
+        http=protocol_class(settings.server, hot),
         h11_max_incomplete_event_size=settings.server.max_header_bytes,
         timeout_graceful_shutdown=5,
     )

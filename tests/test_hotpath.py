@@ -10,6 +10,8 @@ same gateway in the same second.
 from __future__ import annotations
 
 import base64
+import subprocess
+import sys
 import socket
 import ssl
 import time
@@ -277,3 +279,89 @@ def test_varied_requests_get_the_answers_the_asgi_path_gives(simulator: Simulato
                         break
                 assert (a.status, a.body) == (b.status, b.body), raw
                 assert a.stable_fields() == b.stable_fields(), raw
+
+
+# -- requests repeated byte for byte on a connection (gateway.httpproto: _repeat) --------------
+
+
+def _stats(gw: Gateway) -> dict[str, Any]:
+    with gw.client("admin") as c:
+        return c.get("/stats").json()
+
+
+def _one_by_one(sock: socket.socket, raw: bytes, count: int, **kw: Any) -> list[Answer]:
+    """``raw`` sent ``count`` times, each after the previous answer: what a poller does."""
+    answers = []
+    for _ in range(count):
+        sock.sendall(raw)
+        answers += _read_answers(sock, 1, **kw)
+    return answers
+
+
+def test_a_repeated_request_is_parsed_once_and_answered_as_any(simulator: Simulator, make_gateway: Callable[..., Gateway]) -> None:
+    gw = make_gateway(simulator.url, TTL)
+    _exchange(gw, _request(gw, "viewer"))
+    before = _stats(gw)
+    with _connect(gw) as sock:
+        answers = _one_by_one(sock, _request(gw, "viewer"), 6)
+        # Another request in between replaces what is remembered; HEAD then GET again.
+        answers += _one_by_one(sock, _request(gw, "viewer", method="HEAD"), 2, head_only=frozenset({0}))
+        answers += _one_by_one(sock, _request(gw, "viewer"), 2)
+    (asgi,) = _exchange(gw, _request(gw, "viewer", version="1.0"))
+    after = _stats(gw)
+    assert [a.status for a in answers] == [200] * 10
+    assert after["hot_path_repeats"] - before["hot_path_repeats"] == 5 + 1 + 1  # all but the first of each run
+    assert after["hot_path_answered"] - before["hot_path_answered"] == 10
+    gets = [a for i, a in enumerate(answers) if i not in (6, 7)]
+    assert all(a.body == asgi.body for a in gets) and answers[6].body == answers[7].body == b""
+    assert all(a.stable_fields() == asgi.stable_fields() for a in gets if a.get("age") == asgi.get("age"))
+    remaining = [int(a.get("ratelimit").split("r=")[1].split(";")[0]) for a in answers]
+    assert remaining == list(range(remaining[0], remaining[0] - 10, -1))  # each one counted, once
+    assert len({a.get("x-request-id") for a in answers}) == 10
+
+
+def test_a_repeated_request_meets_every_decision_again(simulator: Simulator, make_gateway: Callable[..., Gateway]) -> None:
+    gw = make_gateway(simulator.url, {**TTL, "ratelimit": {"per_caller": "4/minute"}})
+    gw.add_key("to-revoke")
+    raw = _request(gw, "to-revoke")
+    with _connect(gw) as sock:
+        deadline = time.monotonic() + 5
+        while _one_by_one(sock, raw, 1)[0].status != 200:  # the running gateway picks up new keys
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
+        # Limited: the fourth is the last of four a minute, the fifth refused (through the app).
+        statuses = [a.status for a in _one_by_one(sock, raw, 4)]
+        assert statuses == [200, 200, 200, 429]
+        # Revoked while this connection remembers the request: the same bytes are refused within seconds.
+        subprocess.run(
+            [sys.executable, "-m", "gateway", "keys", "revoke", "to-revoke", "--config", str(gw.config_path)],
+            check=True, capture_output=True,
+        )
+        before = _stats(gw)["hot_path_repeats"]
+        deadline = time.monotonic() + 5
+        seen = [a.status for a in _one_by_one(sock, raw, 1)]
+        while seen[-1] != 401:
+            assert time.monotonic() < deadline, seen
+            time.sleep(0.2)
+            seen += [a.status for a in _one_by_one(sock, raw, 1)]
+        assert set(seen) <= {429, 401}
+    assert _stats(gw)["hot_path_repeats"] - before == len(seen)
+    assert "hot path failed" not in gw.logs()
+
+
+def test_only_a_whole_request_alone_in_its_read_is_remembered(simulator: Simulator, make_gateway: Callable[..., Gateway]) -> None:
+    gw = make_gateway(simulator.url, TTL)
+    raw = _request(gw, "viewer")
+    _exchange(gw, raw)
+    before = _stats(gw)["hot_path_repeats"]
+    with _connect(gw) as sock:
+        sock.sendall(raw * 2)  # two in one read: parsed, not remembered
+        assert [a.status for a in _read_answers(sock, 2)] == [200, 200]
+        sock.sendall(raw * 2)
+        assert [a.status for a in _read_answers(sock, 2)] == [200, 200]
+        for _ in range(2):  # one request in two reads
+            sock.sendall(raw[:10])
+            time.sleep(0.05)
+            sock.sendall(raw[10:])
+            assert _read_answers(sock, 1)[0].status == 200
+    assert _stats(gw)["hot_path_repeats"] == before

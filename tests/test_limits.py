@@ -224,6 +224,35 @@ def test_a_keep_alive_connection_trickling_its_next_request_is_cut_off(target) -
     assert took <= DEADLINE + SLACK, took
 
 
+def test_keep_alive_lasts_the_deadline_from_each_answer_not_from_the_connection(target) -> None:
+    """Requests every 0.4 s keep one connection for longer than the deadline; once idle, it is
+    closed a deadline after its last answer (one timer per connection, moved lazily)."""
+    _, gw = target
+    sock = socket.create_connection(_addr(gw), timeout=5)
+    try:
+        opened = time.monotonic()
+        for _ in range(4):
+            sock.sendall(request("/healthz"))
+            answer = b""
+            while not (b"\r\n\r\n" in answer and answer.endswith(b"}")):
+                chunk = sock.recv(65536)
+                assert chunk, f"closed {time.monotonic() - opened:.2f} s after opening, while in use"
+                answer += chunk
+            assert status_of(answer) == 200
+            last = time.monotonic()
+            time.sleep(0.4)
+        assert last - opened > DEADLINE
+        try:
+            rest = sock.recv(65536)
+        except ConnectionResetError:
+            rest = b""
+        idle = time.monotonic() - last
+    finally:
+        sock.close()
+    assert rest == b""  # closed without an answer: there was no request
+    assert DEADLINE - 0.1 <= idle <= DEADLINE + SLACK, idle
+
+
 def test_hundreds_of_slow_clients_neither_starve_others_nor_stay(target) -> None:
     sim, gw = target
     sim.reset()
