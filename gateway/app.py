@@ -109,9 +109,9 @@ def create_app(
     secret = settings.auth.session_secret.get().encode()
     signer = SessionSigner(secret or load_or_create_secret(settings.path(settings.server.cert_dir) / "session.key"))
 
-    def api_key(presented: str) -> Principal | None:
+    def api_key(presented: str) -> tuple[Principal, Callable[[], bool]] | None:
         record = keys.verify(presented)  # records the use itself
-        return keys.principal(record) if record is not None else None
+        return (keys.principal(record), keys.holds(record)) if record is not None else None
 
     def session(token: str) -> Principal | None:
         kid = signer.verify(token)

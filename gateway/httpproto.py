@@ -106,6 +106,8 @@ def protocol_class(server: ServerSettings, fast: FastPath | None = None) -> type
             self._repeat_bytes: bytes | None = None
             self._repeat_scope: dict[str, Any] | None = None
             self._parsed: list[dict[str, Any] | None] | None = None
+            # Per-connection memos of the layers (scope["gateway.connection"]): dropped with the connection.
+            self._memo: dict[str, Any] = {}
 
         def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
             super().connection_made(transport)
@@ -113,6 +115,8 @@ def protocol_class(server: ServerSettings, fast: FastPath | None = None) -> type
 
         def connection_lost(self, exc: Exception | None) -> None:
             self._deadline = None
+            self._memo.clear()  # credentials kept for the connection go with it
+            self._repeat_bytes = self._repeat_scope = None
             if self._deadline_timer is not None:
                 self._deadline_timer.cancel()
                 self._deadline_timer = None
@@ -167,6 +171,7 @@ def protocol_class(server: ServerSettings, fast: FastPath | None = None) -> type
             # uvicorn builds its RequestResponseCycle inline in on_headers_complete; every cycle,
             # pipelined ones included, starts here, so this is where it gets the coalescing send.
             cycle.__class__ = coalescing
+            cycle.scope["gateway.connection"] = self._memo
             if self._parsed:
                 # As parsed, before any layer adds to it; the headers list is copied on use.
                 self._parsed[-1] = {**cycle.scope, "state": None}

@@ -365,3 +365,19 @@ def test_only_a_whole_request_alone_in_its_read_is_remembered(simulator: Simulat
             sock.sendall(raw[10:])
             assert _read_answers(sock, 1)[0].status == 200
     assert _stats(gw)["hot_path_repeats"] == before
+
+
+def test_a_key_that_expires_while_a_connection_repeats_it_is_refused(simulator: Simulator, make_gateway: Callable[..., Gateway]) -> None:
+    gw = make_gateway(simulator.url, TTL)
+    gw.keys["short"] = gw.add_key("short-lived", expires_days=4 / 86400)  # four seconds
+    raw = _request(gw, "short")
+    with _connect(gw) as sock:
+        deadline = time.monotonic() + 10
+        seen = [a.status for a in _one_by_one(sock, raw, 1)]
+        while 200 not in seen or seen[-1] != 401:  # picked up by the running gateway, then expired
+            assert time.monotonic() < deadline, seen[-5:]
+            time.sleep(0.05)
+            seen += [a.status for a in _one_by_one(sock, raw, 1)]
+    admitted = seen[seen.index(200):]
+    assert admitted.count(200) >= 3, seen  # on repeats, until it expired
+    assert admitted[admitted.index(401):] == [401]

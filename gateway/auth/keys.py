@@ -39,7 +39,7 @@ import secrets
 import stat
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -576,6 +576,30 @@ class KeyStore:
             verified[digest] = (record, record.expires.timestamp() if record.expires is not None else math.inf)
         self._note_use(kid, now.timestamp())
         return record
+
+    def holds(self, record: KeyRecord) -> Callable[[], bool]:
+        """For a record ``verify`` just returned: a check that it still would, without the key.
+
+        True while the store is not reloaded (revoking, rotating or editing keys
+        reloads it) and the key has not expired; each True records a use, as
+        ``verify`` does. For a caller that knows it holds the same presented key
+        again (``gateway.auth.middleware``: the same bytes on one connection).
+        """
+        current = self._current
+        expires = record.expires.timestamp() if record.expires is not None else math.inf
+        kid = record.id
+
+        def still() -> bool:
+            if self._current is not current:
+                return False
+            t = time.time()
+            if t >= expires:
+                return False
+            if t - self._usage.get(kid, 0.0) >= 1.0:
+                self._note_use(kid, t)
+            return True
+
+        return still
 
     def lookup(self, kid: str, now: datetime | None = None) -> KeyRecord | None:
         """The active record for ``kid`` (e.g. from a session cookie), else None.

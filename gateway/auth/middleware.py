@@ -39,7 +39,11 @@ OPEN_PATHS = frozenset({"/healthz", "/readyz", "/auth/login", "/auth/callback", 
 # LocalAPI contracts), but they still pass through the brute-force gate.
 SELF_CHECKED = frozenset({"/auth/verify", "/auth"})
 
-KeyVerifier = Callable[[str], Principal | None]
+# A presented API key -> its principal and a check that it still holds (not revoked, replaced
+# or expired since; cheap, no hashing), or None.
+KeyVerifier = Callable[[str], tuple[Principal, Callable[[], bool]] | None]
+# A connection's memo (``scope["gateway.connection"]``) and the raw credential field being verified.
+_Memo = tuple[dict[str, Any], bytes]
 SessionVerifier = Callable[[str], Principal | None]
 BearerVerifier = Callable[[str], Awaitable[Principal]]
 ScopeVerifier = Callable[[Scope], Principal | None]
@@ -127,15 +131,24 @@ class Authenticator:
         authorization = api_key = cookie = None
         for name, value in scope["headers"]:
             if name == b"authorization":
-                authorization = value.decode("latin-1")
+                authorization = value
             elif name == b"x-api-key":
-                api_key = value.decode("latin-1")
+                api_key = value
             elif name == b"cookie":
                 cookie = value.decode("latin-1") if cookie is None else f"{cookie}; {value.decode('latin-1')}"
-        if authorization is not None:
-            return self._from_authorization(authorization)
-        if api_key is not None:
-            return self._key(api_key.strip())
+        credential = authorization if authorization is not None else api_key
+        if credential is not None:
+            # The connection's last key, if this request carries the very same bytes object:
+            # the protocol reused the previous request's parse (gateway.httpproto, _repeat).
+            # Same bytes, so the same key; only whether it still holds is asked again.
+            connection = scope.get("gateway.connection")
+            known = connection.get("credential") if connection is not None else None
+            if known is not None and known[0] is credential and known[2]():
+                return known[1]
+            memo = (connection, credential) if connection is not None else None
+            if authorization is not None:
+                return self._from_authorization(authorization.decode("latin-1"), memo)
+            return self._key(credential.decode("latin-1").strip(), memo)
         if cookie is not None and self._session is not None:
             token = _cookie_value(cookie, "session")
             if token:
@@ -151,13 +164,13 @@ class Authenticator:
             return self._front_proxy(scope)
         return None
 
-    def _from_authorization(self, value: str) -> Principal | DeferredJWT:
+    def _from_authorization(self, value: str, memo: _Memo | None = None) -> Principal | DeferredJWT:
         scheme, _, credentials = value.strip().partition(" ")
         scheme = scheme.lower()
         credentials = credentials.strip()
         if scheme == "bearer":
             if credentials.startswith("pvsgw_") or self._bearer_jwt is None or credentials.count(".") != 2:
-                return self._key(credentials)
+                return self._key(credentials, memo)
             return DeferredJWT(credentials)
         if scheme == "basic":
             try:
@@ -167,14 +180,17 @@ class Authenticator:
             _, sep, password = decoded.partition(":")
             if not sep:
                 raise AuthFailed("malformed Basic credentials")
-            return self._key(password)
+            return self._key(password, memo)
         raise AuthFailed("unsupported Authorization scheme: use Bearer or Basic")
 
-    def _key(self, presented: str) -> Principal:
-        principal = self._api_key(presented) if self._api_key is not None else None
-        if principal is None:
+    def _key(self, presented: str, memo: _Memo | None = None) -> Principal:
+        verified = self._api_key(presented) if self._api_key is not None else None
+        if verified is None:
             raise AuthFailed("invalid, expired or revoked API key")
-        return principal
+        if memo is not None:
+            connection, credential = memo
+            connection["credential"] = (credential, *verified)
+        return verified[0]
 
 
 def _cookie_value(header: str, name: str) -> str | None:
