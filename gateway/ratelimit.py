@@ -53,7 +53,7 @@ def _async_uri(uri: str) -> str:
 class Policy:
     """One configured limit ("caller", "ip", a role's or a key's own), its header fields made once."""
 
-    __slots__ = ("_tag", "item", "name", "policy_field", "quota", "window")
+    __slots__ = ("_made", "_span", "_tag", "item", "name", "policy_field", "quota", "window")
 
     def __init__(self, name: str, item: limits.RateLimitItem) -> None:
         self.item = item
@@ -62,12 +62,24 @@ class Policy:
         self.window = item.get_expiry()
         self._tag = name.encode()
         self.policy_field = (b"ratelimit-policy", b'"%s";q=%d;w=%d' % (self._tag, self.quota, self.window))
+        # RateLimit fields already made, by remaining * _span + reset: a caller's next
+        # requests repeat the same few. reset_in is below 2 windows (LocalWindows.hit).
+        self._made: dict[int, tuple[bytes, bytes]] = {}
+        self._span = 2 * self.window + 1
 
     def fields(self, remaining: int, reset_in: int) -> list[tuple[bytes, bytes]]:
         return [self.policy_field, self.remaining_field(remaining, reset_in)]
 
     def remaining_field(self, remaining: int, reset_in: int) -> tuple[bytes, bytes]:
-        return (b"ratelimit", b'"%s";r=%d;t=%d' % (self._tag, remaining, reset_in))
+        index = remaining * self._span + reset_in
+        made = self._made.get(index)
+        if made is None or not 0 <= reset_in < self._span:
+            made = (b"ratelimit", b'"%s";r=%d;t=%d' % (self._tag, remaining, reset_in))
+            if len(self._made) >= 4096:
+                self._made.clear()
+            if 0 <= reset_in < self._span:
+                self._made[index] = made
+        return made
 
 
 class Verdict:
