@@ -43,7 +43,6 @@ from gateway.settings import ServerSettings
 log = logging.getLogger("gateway.access")
 
 
-
 class FastPath(Protocol):
     """What the protocol needs of ``gateway.hotpath.HotPath``."""
 
@@ -159,10 +158,13 @@ def protocol_class(server: ServerSettings, fast: FastPath | None = None) -> type
             if rest:
                 self.data_received(rest)
 
-        def on_headers_complete(self) -> None:
+        def _head_complete(self) -> None:
             self._reading_head = False
             self._head_bytes = 0
             self._deadline = None  # none while the app works on the request, as in uvicorn
+
+        def on_headers_complete(self) -> None:
+            self._head_complete()
             if self._parsed is not None:
                 self._parsed.append(None)  # uvicorn's scope, if it starts the request at once
             super().on_headers_complete()
@@ -282,8 +284,7 @@ def protocol_class(server: ServerSettings, fast: FastPath | None = None) -> type
             memo = self._repeat_scope
             assert memo is not None and fast is not None
             fast.repeats += 1
-            self._reading_head = False
-            self._deadline = None
+            self._head_complete()
             scope = {**memo, "headers": memo["headers"].copy(), "state": self.app_state.copy()}
             self.scope = scope
             self.headers = scope["headers"]
@@ -349,7 +350,6 @@ def protocol_class(server: ServerSettings, fast: FastPath | None = None) -> type
     return GuardedHttpToolsProtocol
 
 
-
 # Every control character but TAB: what uvicorn's HEADER_VALUE_RE refuses in a field value.
 _CONTROL = bytes(c for c in range(32) if c != 9) + b"\x7f"
 
@@ -367,8 +367,9 @@ class HeadEncoder:
     A field name is checked once per process (answers repeat the same few),
     and values by one scan of the finished head for control characters plus a
     count of its CRs and LFs (exactly one CRLF per line, so none inside a
-    field), instead of uvicorn's two patterns per field. Invalid names or
-    values raise RuntimeError, as in uvicorn.
+    field), instead of uvicorn's two patterns per field; ``encode_split``'s
+    per-request values, joined to a head already checked, by one ``translate``
+    each. Invalid names or values raise RuntimeError, as in uvicorn.
 
     Only the common case is taken: an answer with a ``Content-Length`` and
     no ``Connection`` or ``Transfer-Encoding`` field; for others the

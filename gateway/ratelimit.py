@@ -71,14 +71,14 @@ class Policy:
         return [self.policy_field, self.remaining_field(remaining, reset_in)]
 
     def remaining_field(self, remaining: int, reset_in: int) -> tuple[bytes, bytes]:
+        if not 0 <= reset_in < self._span:  # outside the index's range: made, not kept
+            return (b"ratelimit", b'"%s";r=%d;t=%d' % (self._tag, remaining, reset_in))
         index = remaining * self._span + reset_in
         made = self._made.get(index)
-        if made is None or not 0 <= reset_in < self._span:
-            made = (b"ratelimit", b'"%s";r=%d;t=%d' % (self._tag, remaining, reset_in))
+        if made is None:
             if len(self._made) >= 4096:
                 self._made.clear()
-            if 0 <= reset_in < self._span:
-                self._made[index] = made
+            made = self._made[index] = (b"ratelimit", b'"%s";r=%d;t=%d' % (self._tag, remaining, reset_in))
         return made
 
 
