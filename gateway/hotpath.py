@@ -34,8 +34,9 @@ from gateway.responses import Header
 from gateway.scopes import route_path
 
 # status, fields that stay the same across requests (the same list object while they do),
-# the request's own fields, body (empty for HEAD). The protocol adds its default fields (Date).
-Respond = Callable[[int, list[Header], list[Header], bytes], None]
+# the request's own fields, its RateLimit line (Policy.line formatted, or b""), body (empty
+# for HEAD). The protocol adds its default fields (Date).
+Respond = Callable[[int, list[Header], list[Header], bytes, bytes], None]
 
 
 class HotPath:
@@ -72,15 +73,16 @@ class HotPath:
             return False
         if self.cookie_sessions and any(name == b"cookie" for name, _ in scope["headers"]):
             return False
-        if not is_proxied(route_path(scope)):
+        path = route_path(scope)
+        if not is_proxied(path):
             return False
         found = self.proxy.fresh_now(scope)
         if found is None:
             return False
-        principal = self.auth.admit_now(scope)
+        principal = self.auth.admit_now(scope, path)
         if principal is None:
             return False
-        limit = self.ratelimit.admit_now(scope, principal)  # the first side effect: a counted request
+        limit = self.ratelimit.admit_now(scope, principal, path)  # the first side effect: a counted request
         if limit is None:
             return False
 
@@ -93,9 +95,9 @@ class HotPath:
         state["gateway.status"] = status
         rid = (b"x-request-id", request_id.encode())
         if limit:  # RateLimit-Policy is the same for every request of the policy: with the fixed part
-            respond(status, self._fixed_fields(fields, self.guard.fields_for(scope), limit[0]), [limit[1], rid], body)
+            respond(status, self._fixed_fields(fields, self.guard.fields_for(scope), limit[0]), [rid], limit[1], body)
         else:
-            respond(status, self._fixed_fields(fields, self.guard.fields_for(scope), None), [rid], body)
+            respond(status, self._fixed_fields(fields, self.guard.fields_for(scope), None), [rid], b"", body)
         self.answered += 1
         self.access.record(scope, state, status, time.perf_counter() - start, request_id)
         return True

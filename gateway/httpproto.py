@@ -189,9 +189,9 @@ def protocol_class(server: ServerSettings, fast: FastPath | None = None) -> type
             super()._start_asgi_task(cycle, app)
 
         def _answer_hot(self, cycle: Any) -> bool:
-            def respond(status: int, fixed: list[Header], own: list[Header], body: bytes) -> None:
+            def respond(status: int, fixed: list[Header], own: list[Header], made: bytes, body: bytes) -> None:
                 assert encoder is not None
-                encoded = encoder.encode_split(status, self.server_state.default_headers, fixed, own, body)
+                encoded = encoder.encode_split(status, self.server_state.default_headers, fixed, own, body, made)
                 if encoded is None or (body and len(body) != encoded[1]):
                     raise RuntimeError("the hot path made an answer it cannot send in one write")
                 cycle.response_started = True
@@ -395,17 +395,20 @@ class HeadEncoder:
         return None if lines is None else (lines[0] + b"\r\n", lines[1])
 
     def encode_split(
-        self, status: int, default: list[Header], fixed: list[Header], own: list[Header], body: bytes = b""
+        self, status: int, default: list[Header], fixed: list[Header], own: list[Header], body: bytes = b"", made: bytes = b""
     ) -> tuple[bytes, int] | None:
-        """``encode(status, [*default, *fixed, *own])`` followed by ``body``, with the part up to
-        ``own`` made once.
+        """``encode(status, [*default, *fixed, *own])`` followed by ``made`` and ``body``, with the
+        part up to ``own`` made once.
 
         ``default`` and ``fixed`` must be lists that are not changed once made
         (uvicorn's Date fields, replaced each second; a cache entry's fields,
         replaced when its age changes): they are recognised by identity.
         ``own`` (per-request fields) must have lower-case names and not carry the
-        framing fields; else None. The body is joined here so that the answer is
-        copied once, not once for the head and again with the body.
+        framing fields; else None. ``made`` is field lines the gateway formats
+        itself from integers under a fixed lower-case name (``RateLimit``, see
+        ``Policy.line``), so not checked again. The body is joined
+        here so that the answer is copied once, not once for the head and again
+        with the body.
         """
         memo = self._blocks.get(id(fixed))
         if memo is None or memo[0] is not fixed or memo[1] is not default or memo[2] != status:
@@ -424,7 +427,7 @@ class HeadEncoder:
             if len(value.translate(None, _CONTROL)) != len(value):
                 raise RuntimeError("Invalid HTTP header value.")
             parts += (name, b": ", value, b"\r\n")
-        parts += (b"\r\n", body)
+        parts += (made, b"\r\n", body)
         return b"".join(parts), memo[4]
 
     def _own_name(self, name: bytes) -> bool:

@@ -27,12 +27,13 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from gateway.auth import Principal
 from gateway.errors import GatewayError
-from gateway.responses import send_problem
+from gateway.responses import Header, send_problem
 from gateway.scopes import client_ip, route_path
 from gateway.settings import RateLimitSettings
 
 QUOTA_EXCEEDED = "https://iana.org/assignments/http-problem-types#quota-exceeded"
 NEVER_LIMITED = frozenset({"/healthz", "/readyz"})
+_ceil = math.ceil
 
 
 def _item(value: str | None) -> limits.RateLimitItem | None:
@@ -53,7 +54,7 @@ def _async_uri(uri: str) -> str:
 class Policy:
     """One configured limit ("caller", "ip", a role's or a key's own), its header fields made once."""
 
-    __slots__ = ("_made", "_span", "_tag", "item", "name", "policy_field", "quota", "window")
+    __slots__ = ("_tag", "item", "line", "name", "policy_field", "quota", "window")
 
     def __init__(self, name: str, item: limits.RateLimitItem) -> None:
         self.item = item
@@ -62,24 +63,12 @@ class Policy:
         self.window = item.get_expiry()
         self._tag = name.encode()
         self.policy_field = (b"ratelimit-policy", b'"%s";q=%d;w=%d' % (self._tag, self.quota, self.window))
-        # RateLimit fields already made, by remaining * _span + reset: a caller's next
-        # requests repeat the same few. reset_in is below 2 windows (LocalWindows.hit).
-        self._made: dict[int, tuple[bytes, bytes]] = {}
-        self._span = 2 * self.window + 1
+        # The RateLimit field as a line of a head, to be formatted with (remaining, reset):
+        # the name is one of ours, the rest two integers, so the line needs no check.
+        self.line = b'ratelimit: "%s";r=%%d;t=%%d\r\n' % self._tag
 
     def fields(self, remaining: int, reset_in: int) -> list[tuple[bytes, bytes]]:
-        return [self.policy_field, self.remaining_field(remaining, reset_in)]
-
-    def remaining_field(self, remaining: int, reset_in: int) -> tuple[bytes, bytes]:
-        if not 0 <= reset_in < self._span:  # outside the index's range: made, not kept
-            return (b"ratelimit", b'"%s";r=%d;t=%d' % (self._tag, remaining, reset_in))
-        index = remaining * self._span + reset_in
-        made = self._made.get(index)
-        if made is None:
-            if len(self._made) >= 4096:
-                self._made.clear()
-            made = self._made[index] = (b"ratelimit", b'"%s";r=%d;t=%d' % (self._tag, remaining, reset_in))
-        return made
+        return [self.policy_field, (b"ratelimit", b'"%s";r=%d;t=%d' % (self._tag, remaining, reset_in))]
 
 
 class Verdict:
@@ -121,6 +110,8 @@ class LocalWindows:
     next second are admitted by decrementing it, without redoing the
     arithmetic; the RateLimit ``r`` they report is at most a second's decay
     below the exact value. Never more requests than the exact algorithm allows.
+    ``take`` spends that credit on a counter the caller holds (the hot path
+    keeps one per connection), without looking it up again.
     """
 
     def __init__(self, clock: Callable[[], float] = time.time) -> None:
@@ -133,15 +124,15 @@ class LocalWindows:
 
     def hit(self, policy: Hashable, key: str, amount: int, window: int) -> tuple[bool, int, int]:
         """Count one request; return (allowed, remaining, seconds until it would be allowed/reset)."""
-        now = self._clock()
         table = self._tables.get(policy)
         if table is None:
             table = self._tables[policy] = {}
         c = table.get(key)
-        if c is not None and now < c[4] and c[5] >= 1:  # credit left from the last full check
-            c[1] += 1
-            c[5] -= 1
-            return True, int(c[5]), math.ceil(c[0] + c[3] - now)
+        if c is not None:
+            spent = self.take(c)
+            if spent is not None:
+                return True, spent[0], spent[1]
+        now = self._clock()
         start = now - now % window
         if c is None or c[0] != start:
             previous = c[1] if c is not None and c[0] == start - window else 0.0
@@ -159,6 +150,25 @@ class LocalWindows:
             return True, remaining, math.ceil(window - elapsed)
         wait = self._wait(c, amount, window, elapsed)
         return False, max(0, int(amount - weighted)), max(1, min(2 * window, math.ceil(wait)))
+
+    def counter(self, policy: Hashable, key: str) -> list[float] | None:
+        """The counter of ``key`` under ``policy``, for ``take``; None before its first hit."""
+        table = self._tables.get(policy)
+        return table.get(key) if table is not None else None
+
+    def take(self, c: list[float]) -> tuple[int, int] | None:
+        """Count one request against the credit of counter ``c``: (remaining, reset), or None
+        when the credit is used up or has expired (then ``hit`` decides).
+
+        A caller may hold on to ``c`` (the hot path keeps it per connection): once its
+        window is over, the table has a new list and ``c``'s credit has expired with it.
+        """
+        now = self._clock()
+        if now < c[4] and c[5] >= 1:
+            c[1] += 1
+            c[5] -= 1
+            return int(c[5]), _ceil(c[0] + c[3] - now)
+        return None
 
     @staticmethod
     def _wait(c: list[float], amount: int, window: int, elapsed: float) -> float:
@@ -197,6 +207,7 @@ class RateLimiter:
         # Failures remembered per IP: enough to tell "under the limit" exactly for limits up
         # to 16 (the default is 10); above that, 16 recent failures already count as "maybe".
         self._tracked = min(self.auth_failures.amount, 16) if self.auth_failures is not None else 0
+        self._failures_elsewhere = self.auth_failures is not None and self.local is None
         self.roles = {role: _policy("caller", rate) for role, rate in settings.roles.items()}
         self._overrides: dict[str, Policy | None] = {}
         self.rejections: dict[str, int] = {}
@@ -251,12 +262,11 @@ class RateLimiter:
 
     def may_be_blocked(self, ip: str) -> bool:
         """False when ``ip`` certainly is not blocked; decided without an await, for every request."""
-        if self.auth_failures is None:
-            return False
-        if self.local is not None:
-            stamps = self._failures.get(ip)
-            if stamps is None:
-                return False
+        stamps = self._failures.get(ip)  # only failures counted under a limit are recorded
+        if stamps is None:
+            # None from ip here: with local storage, then, none at all; with Redis another replica may have some.
+            return self._failures_elsewhere
+        if self.local is not None and self.auth_failures is not None:
             # Blocked means as many failures in the moving window as the limit allows. Fewer of
             # the last few within it (plus a second: limits keeps its own clock), and it is not.
             horizon = time.monotonic() - self.auth_failures.get_expiry() - 1.0
@@ -285,6 +295,7 @@ class RateLimitMiddleware:
     def __init__(self, app: ASGIApp, limiter: RateLimiter) -> None:
         self.app = app
         self.limiter = limiter
+        self._local = limiter.local  # fixed by the storage setting
 
     def _policy(self, scope: Scope, principal: Principal | None) -> tuple[Policy | None, str]:
         if principal is None or principal.method == "anonymous":
@@ -318,22 +329,39 @@ class RateLimitMiddleware:
         state["gateway.detail"] = problem.detail
         await send_problem(send, problem, head=scope["method"] == "HEAD")
 
-    def admit_now(self, scope: Scope, principal: Principal) -> tuple[tuple[bytes, bytes], ...] | None:
+    def admit_now(self, scope: Scope, principal: Principal, path: str) -> tuple[Header, bytes] | tuple[()] | None:
         """Count the request and return its fields, when it is admitted without an await.
 
-        For the hot path: ``(RateLimit-Policy, RateLimit)``, the first the same
-        object for every request of the policy; ``()`` when no limit applies.
-        None when counters are not in this process or the request is refused; a
-        refused request is not counted (the algorithm counts only what it
-        admits), so ``__call__`` then decides it afresh.
+        For the hot path, given the request's ``route_path``: ``RateLimit-Policy``
+        (the same object for every request of the policy) and the ``RateLimit``
+        line (``Policy.line`` formatted); ``()`` when no limit applies. None when
+        counters are not in this process or the request is refused; a refused
+        request is not counted (the algorithm counts only what it admits), so
+        ``__call__`` then decides it afresh.
+
+        A connection keeps the counter of the identity it last admitted
+        (``scope["gateway.connection"]``): while the auth layer hands over the very
+        same principal (a repeated request, see ``gateway.httpproto``), its next
+        requests spend that counter's credit without choosing the policy again.
         """
-        if route_path(scope) in NEVER_LIMITED:
+        if path in NEVER_LIMITED:
             return ()
+        local = self._local
+        connection = scope.get("gateway.connection")
+        held = connection.get("ratelimit") if connection is not None else None
+        if held is not None and held[0] is principal and local is not None:
+            spent = local.take(held[2])
+            if spent is not None:
+                policy = held[1]
+                return policy.policy_field, policy.line % spent
         policy, key = self._policy(scope, principal)
         if policy is None:
             return ()
-        local = self.limiter.local
         if local is None:
             return None
         allowed, remaining, reset_in = local.hit(policy, key, policy.quota, policy.window)
-        return (policy.policy_field, policy.remaining_field(remaining, reset_in)) if allowed else None
+        if not allowed:
+            return None
+        if connection is not None and principal.method != "anonymous":  # per-IP keys vary behind a proxy
+            connection["ratelimit"] = (principal, policy, local.counter(policy, key))
+        return policy.policy_field, policy.line % (remaining, reset_in)

@@ -320,6 +320,20 @@ def test_a_repeated_request_is_parsed_once_and_answered_as_any(simulator: Simula
     assert len({a.get("x-request-id") for a in answers}) == 10
 
 
+def test_connections_repeating_one_key_share_its_limit(simulator: Simulator, make_gateway: Callable[..., Gateway]) -> None:
+    """Each connection holds the key's counter (gateway.ratelimit, admit_now); all spend the same one."""
+    gw = make_gateway(simulator.url, {**TTL, "ratelimit": {"per_caller": "12/minute"}})
+    raw = _request(gw, "viewer")
+    with _connect(gw) as first, _connect(gw) as second:
+        answers = []
+        for _ in range(7):  # alternating, each connection repeating its own bytes: 14 requests
+            answers += _one_by_one(first, raw, 1) + _one_by_one(second, raw, 1)
+    assert [a.status for a in answers] == [200] * 12 + [429] * 2
+    remaining = [int(a.get("ratelimit").split("r=")[1].split(";")[0]) for a in answers[:12]]
+    assert remaining == list(range(11, -1, -1))
+    assert _stats(gw)["hot_path_repeats"] >= 10
+
+
 def test_a_repeated_request_meets_every_decision_again(simulator: Simulator, make_gateway: Callable[..., Gateway]) -> None:
     gw = make_gateway(simulator.url, {**TTL, "ratelimit": {"per_caller": "4/minute"}})
     gw.add_key("to-revoke")

@@ -177,6 +177,53 @@ def test_credit_gives_the_exact_algorithms_decisions() -> None:
         assert decisions > 0  # the timelines do reach the limits
 
 
+def test_a_counter_held_across_requests_decides_as_the_table_does() -> None:
+    """The hot path keeps a caller's counter per connection and spends its credit with ``take``;
+    across window changes and pruning that must decide exactly as looking it up each time."""
+    import random
+
+    from gateway.ratelimit import LocalWindows
+
+    rng = random.Random(11)
+    amount, window = 20, 10
+    now = [1000.0 * window]
+    windows = LocalWindows(clock=lambda: now[0])
+    reference: dict[str, list[float]] = {}
+    held = None
+    taken = admitted = 0
+    for _ in range(5000):
+        now[0] += rng.choice((0.0, 0.0, 0.1, 0.3, 0.5, 1.0))
+        if rng.random() < 0.01:
+            now[0] += rng.choice((window / 2, 1.5 * window, 40.0 * window))  # lulls, and one long enough to prune
+        spent = windows.take(held) if held is not None else None
+        if spent is not None:
+            allowed, remaining = True, spent[0]
+            taken += 1
+        else:
+            allowed, remaining, _ = windows.hit("caller", "k", amount, window)
+            held = windows.counter("caller", "k")
+        exact_allowed, exact_remaining = _exact_sliding_window(reference, "k", now[0], amount, window)
+        assert allowed == exact_allowed, now[0]
+        assert remaining <= exact_remaining
+        admitted += allowed
+    assert taken > 1000 and admitted < 5000  # credit was spent, and the limit was reached
+
+
+def test_the_ratelimit_line_is_the_field_as_a_checked_encoder_writes_it() -> None:
+    import limits
+    from uvicorn.protocols.http import httptools_impl
+
+    from gateway.httpproto import head_encoder
+    from gateway.ratelimit import Policy
+
+    policy = Policy("caller", limits.parse("60/minute"))
+    encoder = head_encoder(httptools_impl)
+    assert encoder is not None
+    checked, _ = encoder.encode(200, [(b"content-length", b"0"), policy.fields(59, 30)[1]])
+    assert checked.endswith(b"\r\n" + policy.line % (59, 30) + b"\r\n")
+    assert policy.line % (59, 30) == b'ratelimit: "caller";r=59;t=30\r\n'
+
+
 def test_an_address_is_maybe_blocked_only_once_it_has_failed_as_often_as_allowed() -> None:
     import asyncio
 

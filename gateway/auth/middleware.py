@@ -285,15 +285,15 @@ class AuthMiddleware:
             return
         await self.app(scope, receive, send)
 
-    def admit_now(self, scope: Scope) -> Principal | None:
+    def admit_now(self, scope: Scope, path: str) -> Principal | None:
         """The principal ``__call__`` would pass inward, when that is certain without an await.
 
         For the hot path (``gateway.hotpath``). None means "not certain here": the
         request's path, a possible brute-force block, wrong or missing credentials,
         or a JWT to verify; then ``__call__`` decides, as if this had not run (a
         valid key's last-used time, the only trace, is set again to the same use).
+        ``path`` is the request's ``route_path``.
         """
-        path = route_path(scope)
         if path in OPEN_PATHS or path in self.anonymous_paths or path in SELF_CHECKED or path in self.admin_paths:
             return None
         ip = client_ip(scope)
