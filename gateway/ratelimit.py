@@ -16,6 +16,7 @@ import collections
 import math
 import time
 from collections.abc import Callable, Hashable
+from typing import Any
 
 import limits
 from limits.aio.strategies import (
@@ -117,9 +118,9 @@ class LocalWindows:
     def __init__(self, clock: Callable[[], float] = time.time) -> None:
         self._clock = clock
         # policy -> key -> [current window start, current count, previous count, window,
-        # credit valid until, credit]. Per policy (a Policy object in the gateway), so the
-        # per-request lookup is by the key string alone.
-        self._tables: dict[Hashable, dict[str, list[float]]] = {}
+        # credit valid until, credit (an int), current window end]. Per policy (a Policy
+        # object in the gateway), so the per-request lookup is by the key string alone.
+        self._tables: dict[Hashable, dict[str, list[Any]]] = {}
         self._next_prune = 0.0
 
     def hit(self, policy: Hashable, key: str, amount: int, window: int) -> tuple[bool, int, int]:
@@ -136,7 +137,7 @@ class LocalWindows:
         start = now - now % window
         if c is None or c[0] != start:
             previous = c[1] if c is not None and c[0] == start - window else 0.0
-            c = table[key] = [start, 0.0, previous, window, 0.0, 0.0]
+            c = table[key] = [start, 0.0, previous, window, 0.0, 0, start + window]
         elapsed = now - start
         weighted = c[2] * (window - elapsed) / window + c[1]
         if now >= self._next_prune:
@@ -151,12 +152,12 @@ class LocalWindows:
         wait = self._wait(c, amount, window, elapsed)
         return False, max(0, int(amount - weighted)), max(1, min(2 * window, math.ceil(wait)))
 
-    def counter(self, policy: Hashable, key: str) -> list[float] | None:
+    def counter(self, policy: Hashable, key: str) -> list[Any] | None:
         """The counter of ``key`` under ``policy``, for ``take``; None before its first hit."""
         table = self._tables.get(policy)
         return table.get(key) if table is not None else None
 
-    def take(self, c: list[float]) -> tuple[int, int] | None:
+    def take(self, c: list[Any]) -> tuple[int, int] | None:
         """Count one request against the credit of counter ``c``: (remaining, reset), or None
         when the credit is used up or has expired (then ``hit`` decides).
 
@@ -167,11 +168,11 @@ class LocalWindows:
         if now < c[4] and c[5] >= 1:
             c[1] += 1
             c[5] -= 1
-            return int(c[5]), _ceil(c[0] + c[3] - now)
+            return c[5], _ceil(c[6] - now)
         return None
 
     @staticmethod
-    def _wait(c: list[float], amount: int, window: int, elapsed: float) -> float:
+    def _wait(c: list[Any], amount: int, window: int, elapsed: float) -> float:
         """Seconds until one more request fits, as the weighted count decays."""
         previous, current = c[2], c[1]
         if current + 1 <= amount:  # this window has room once the previous one's weight drops
