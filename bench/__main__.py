@@ -5,8 +5,11 @@
     .venv/bin/python -m bench --only throughput,profile
 
 Sections: footprint (start to ready), throughput (cached hits vs bare,
-Caddy, nginx; RSS), profile (py-spy), swr (steady state across refreshes),
-storm (upstream requests per caller request). Everything on 127.0.0.1.
+Caddy, nginx; RSS), limitcost (issue 7: with and without rate limits, side
+by side on one core), inprocess (a cached hit's cost in Python, with and
+without rate limits), profile (py-spy), swr (steady state across
+refreshes), storm (upstream requests per caller request). Everything on
+127.0.0.1.
 """
 
 from __future__ import annotations
@@ -28,10 +31,21 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from bench import common, footprint, profile, report, servers, storm, swr, throughput
+from bench import (
+    common,
+    footprint,
+    inprocess,
+    limitcost,
+    profile,
+    report,
+    servers,
+    storm,
+    swr,
+    throughput,
+)
 from bench.common import BENCH, LOAD_CPUS, ROOT, SUT_CPUS, run_capture
 
-SECTIONS = ("footprint", "throughput", "profile", "swr", "storm")
+SECTIONS = ("footprint", "throughput", "limitcost", "inprocess", "profile", "swr", "storm")
 
 
 def log(msg: str) -> None:
@@ -163,8 +177,10 @@ def main() -> int:
         section("footprint", lambda: footprint.run(work / "footprint", upstream.url, starts=2 if q else 5, log=log))
         section("throughput", lambda: throughput.run(
             work / "throughput", upstream, body_file, connections=[16, 64], runs=runs, duration=duration,
-            warmup=1.0 if q else 2.0, paced_delay_ms=20, retry_budget=0 if q else 6,
-            limit_pairs=4 if q else 16, limit_pair_s=1.0 if q else 4.0, log=log))
+            warmup=1.0 if q else 2.0, paced_delay_ms=20, retry_budget=0 if q else 6, log=log))
+        section("limitcost", lambda: limitcost.run(
+            work / "limitcost", upstream.url, rounds=3 if q else 12, duration=2.0 if q else 6.0, log=log))
+        section("inprocess", lambda: inprocess.run(work / "inprocess", upstream.url, reps=3 if q else 15, log=log))
         section("profile", lambda: profile.run(work / "profile", upstream, out_dir, seconds=3 if q else 8, log=log))
         section("swr", lambda: swr.run(work / "swr", duration=5.0 if q else 10.0, connections=8, delay_ms=20, log=log))
         section("storm", lambda: storm.run(work / "storm", callers=24, duration=6.0 if q else 15.0, ttl=2.0, min_interval=0.2, log=log))

@@ -140,7 +140,7 @@ class Retries:
 
 def run(work: Path, upstream: Proc, body_file: Path, *, connections: list[int], runs: int, duration: float,
         warmup: float, paced_delay_ms: int, retry_budget: int = 0, churn_connections: int = 300,
-        limit_pairs: int = 10, limit_pair_s: float = 3.0, log: Any = print) -> dict[str, Any]:
+        log: Any = print) -> dict[str, Any]:
     targets = start_targets(work, upstream, body_file)
     key = targets["gateway"].extra["key"]
     # Every target gets the same request, API key included (non-gateways ignore it; each gateway gets its own key).
@@ -175,10 +175,6 @@ def run(work: Path, upstream: Proc, body_file: Path, *, connections: list[int], 
         log(f"  {name:14} paced c=16: {r['rps']:8.0f} req/s  p50 {r['latency_us']['p50'] / 1000:6.2f} ms  p99 {r['latency_us']['p99'] / 1000:6.2f} ms"
             f"  others on its core {r['other_on_sut_core']:.0%}")
 
-    if "gateway-nolimit" in targets:
-        result["limit_cost"] = paired_cost(targets["gateway"], targets["gateway-nolimit"], scripts["gateway"][0],
-                                           scripts["gateway-nolimit"][0], pairs=limit_pairs, duration=limit_pair_s, log=log)
-
     result["retry_budget"] = retry_budget
     result["retries_used"] = retries.used
     for name, p in targets.items():
@@ -193,30 +189,6 @@ def run(work: Path, upstream: Proc, body_file: Path, *, connections: list[int], 
     for p in targets.values():
         p.stop()
     return result
-
-
-def paired_cost(with_limits: Proc, without: Proc, lua_with: Path, lua_without: Path, *, pairs: int, duration: float,
-                log: Any = print) -> dict[str, Any]:
-    """Issue 7: what checking a limit costs, from back-to-back pairs of short runs (16 connections).
-
-    Three runs per target cannot resolve a few percent here: the host's own
-    drift over a run of all targets is larger. Each pair runs the two
-    gateways one right after the other (order alternating, so neither
-    always follows the same thing), and the cost is the median over pairs
-    of 1 - with/without; the interquartile range says how sure it is.
-    """
-    costs: list[float] = []
-    for i in range(pairs):
-        order = [(with_limits, lua_with), (without, lua_without)]
-        if i % 2:
-            order.reverse()
-        rps = {p.name: measure(p, lua, 16, duration)["rps"] for p, lua in order}
-        costs.append(1 - rps[with_limits.name] / rps[without.name])
-        log(f"  limit cost pair {i + 1}/{pairs}: {rps[with_limits.name]:8.0f} vs {rps[without.name]:8.0f} req/s -> {costs[-1]:+.1%}")
-    ordered = sorted(costs)
-    q = len(ordered) // 4
-    return {"pairs": pairs, "duration_s": duration, "costs": costs, "median": median(costs),
-            "q1": ordered[q], "q3": ordered[-1 - q]}
 
 
 def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
