@@ -173,6 +173,7 @@ def protocol_class(server: ServerSettings, fast: FastPath | None = None) -> type
             # uvicorn builds its RequestResponseCycle inline in on_headers_complete; every cycle,
             # pipelined ones included, starts here, so this is where it gets the coalescing send.
             cycle.__class__ = coalescing
+            cycle.server_state = self.server_state  # for a Date of when the answer starts (CoalescingCycle.send)
             cycle.scope["gateway.connection"] = self._memo
             if self._parsed:
                 # As parsed, before any layer adds to it; the headers list is copied on use.
@@ -487,14 +488,20 @@ def coalescing_cycle(impl: Any, encoder: HeadEncoder | None) -> type:
 
     class CoalescingCycle(base):  # type: ignore[misc, valid-type]
         _held: bytes | None = None
+        server_state: Any = None
 
         async def send(self, message: Any) -> None:
             kind = message["type"]
             if kind == "http.response.body" and self._held is not None:
                 await self._send_with_head(message)
                 return
-            if kind == "http.response.start" and not self.response_started and self._hold_head(message):
-                return
+            if kind == "http.response.start" and not self.response_started:
+                # uvicorn's Date is the one current when the request arrived; a miss that waited
+                # seconds for the PVS would then be dated before its own Last-Modified.
+                if self.server_state is not None:
+                    self.default_headers = self.server_state.default_headers
+                if self._hold_head(message):
+                    return
             await super().send(message)
 
         def _hold_head(self, message: Any) -> bool:

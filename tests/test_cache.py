@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import math
 import time
+from email.utils import parsedate_to_datetime
 
 import httpx
 
@@ -140,6 +141,24 @@ def test_stale_while_revalidate_answers_at_once_and_refreshes_in_background(fres
         r = c.get(DEVICE_LIST)
         assert "hit; ttl=" in r.headers["cache-status"] and "ttl=-" not in r.headers["cache-status"]
     assert fresh_simulator.stats()["by_request"]["DeviceList"] == 2
+
+
+def test_a_slow_miss_is_dated_when_it_is_answered(make_simulator, make_gateway) -> None:
+    """Date is when the answer starts, not when the request arrived: a DeviceList that waited
+    seconds for the PVS must not be dated before its own Last-Modified (downstream caches
+    would count the wait as age)."""
+    slow = make_simulator("--latency-scale", "0.4", "--clock", "12:00", "--seed", "7")  # DeviceList ~4 s
+    gw = make_gateway(slow.url)
+    with gw.client() as c:
+        sent = time.time()
+        r = c.get(DEVICE_LIST)
+        received = time.time()
+    assert r.status_code == 200 and "fwd=miss" in r.headers["cache-status"]
+    assert received - sent >= 3.0  # the miss did wait
+    # Both are whole seconds, and uvicorn renews its Date once a second: allow one second each way.
+    date = parsedate_to_datetime(r.headers["date"]).timestamp()
+    assert date >= parsedate_to_datetime(r.headers["last-modified"]).timestamp() - 1
+    assert received - 2.5 <= date <= received + 1
 
 
 def test_fresh_hits_carry_honest_headers(fresh_simulator: Simulator, make_gateway) -> None:
