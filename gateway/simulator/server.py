@@ -54,6 +54,7 @@ class Simulator:
         self.control = Control(self)
         self._server: asyncio.Server | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
+        self._closing = False
         self._busy: set[asyncio.StreamWriter] = set()  # connections with a device request open
 
     @property
@@ -71,6 +72,7 @@ class Simulator:
         return int(self._server.sockets[0].getsockname()[1])
 
     async def close(self) -> None:
+        self._closing = True
         if self._server is not None:
             self._server.close()
         for task in list(self._tasks):
@@ -99,6 +101,11 @@ class Simulator:
         self._tasks.add(task)
         try:
             await self._serve(reader, writer)
+        except asyncio.CancelledError:
+            if not self._closing:
+                raise
+            # close() ends the connections still open: a normal end. (Left cancelled, the task
+            # makes asyncio's start_server callback log a traceback on Python 3.11.)
         except (ConnectionError, OSError, asyncio.IncompleteReadError, TimeoutError):
             pass  # the client went away or misbehaved: only this connection is affected
         except Exception:  # a bug must cost one connection, never the server
