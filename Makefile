@@ -30,7 +30,7 @@ test: test-deps
 audit: $(STAMP)
 	$(BIN)/python scripts/audit-deps
 
-# Installs its own tools (wrk, caddy, nginx, py-spy) via bench/deps.sh; ~8 minutes; writes bench/RESULTS.md.
+# Installs its own tools (wrk, caddy, nginx, py-spy) via bench/deps.sh; ~10 minutes; writes bench/RESULTS.md.
 bench: $(STAMP)
 	$(BIN)/python -m bench
 

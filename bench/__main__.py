@@ -1,6 +1,6 @@
 """``python -m bench``: every benchmark in one run, results in bench/RESULTS.md and bench/results.json.
 
-    .venv/bin/python -m bench            # the full run (~8 min on 2 cores)
+    .venv/bin/python -m bench            # the full run (~10 min on 2 cores)
     .venv/bin/python -m bench --quick    # a smoke run (~1.5 min): short, single runs; numbers not comparable
     .venv/bin/python -m bench --only throughput,profile
 
