@@ -553,10 +553,7 @@ class KeyStore:
             if known is not None:
                 t = time.time()
                 if t < known[1]:
-                    kid = known[0].id
-                    # Last-used times are kept to the second (and written out far less often).
-                    if t - self._usage.get(kid, 0.0) >= 1.0:
-                        self._note_use(kid, t)
+                    self._note_use_each_second(known[0].id, t)
                     return known[0]
         kid = key_id(presented)
         if kid is None:
@@ -595,8 +592,7 @@ class KeyStore:
             t = time.time()
             if t >= expires:
                 return False
-            if t - self._usage.get(kid, 0.0) >= 1.0:
-                self._note_use(kid, t)
+            self._note_use_each_second(kid, t)
             return True
 
         return still
@@ -634,6 +630,12 @@ class KeyStore:
     def record_use(self, kid: str, now: datetime | None = None) -> None:
         """Note a use in memory; ``flush_usage`` writes it out later."""
         self._note_use(kid, _utc(now or _now()).timestamp())
+
+    def _note_use_each_second(self, kid: str, when: float) -> None:
+        # For uses recognised without hashing: last-used times are kept to the second
+        # (and written out far less often), so a poller's every request need not take the lock.
+        if when - self._usage.get(kid, 0.0) >= 1.0:
+            self._note_use(kid, when)
 
     def _note_use(self, kid: str, when: float) -> None:
         with self._usage_lock:
