@@ -55,21 +55,22 @@ def _async_uri(uri: str) -> str:
 class Policy:
     """One configured limit ("caller", "ip", a role's or a key's own), its header fields made once."""
 
-    __slots__ = ("_tag", "item", "line", "name", "policy_field", "quota", "window")
+    __slots__ = ("_value", "item", "line", "name", "policy_field", "quota", "window")
 
     def __init__(self, name: str, item: limits.RateLimitItem) -> None:
         self.item = item
         self.name = name
         self.quota = item.amount
         self.window = item.get_expiry()
-        self._tag = name.encode()
-        self.policy_field = (b"ratelimit-policy", b'"%s";q=%d;w=%d' % (self._tag, self.quota, self.window))
-        # The RateLimit field as a line of a head, to be formatted with (remaining, reset):
-        # the name is one of ours, the rest two integers, so the line needs no check.
-        self.line = b'ratelimit: "%s";r=%%d;t=%%d\r\n' % self._tag
+        tag = name.encode()
+        self.policy_field = (b"ratelimit-policy", b'"%s";q=%d;w=%d' % (tag, self.quota, self.window))
+        # The RateLimit value, to be formatted with (remaining, reset); and the same as a line of
+        # a head: the name is one of ours, the rest two integers, so the line needs no check.
+        self._value = b'"%s";r=%%d;t=%%d' % tag
+        self.line = b"ratelimit: " + self._value + b"\r\n"
 
     def fields(self, remaining: int, reset_in: int) -> list[tuple[bytes, bytes]]:
-        return [self.policy_field, (b"ratelimit", b'"%s";r=%d;t=%d' % (self._tag, remaining, reset_in))]
+        return [self.policy_field, (b"ratelimit", self._value % (remaining, reset_in))]
 
 
 class Verdict:
