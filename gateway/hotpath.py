@@ -93,11 +93,10 @@ class HotPath:
         state["principal"] = principal
         status, fields, body = self.proxy.answer_now(scope, *found)
         state["gateway.status"] = status
-        rid = (b"x-request-id", request_id.encode())
-        if limit:  # RateLimit-Policy is the same for every request of the policy: with the fixed part
-            respond(status, self._fixed_fields(fields, self.guard.fields_for(scope), limit[0]), [rid], limit[1], body)
-        else:
-            respond(status, self._fixed_fields(fields, self.guard.fields_for(scope), None), [rid], b"", body)
+        # RateLimit-Policy is the same for every request of the policy: it goes with the fixed part.
+        policy, line = limit if limit else (None, b"")
+        fixed = self._fixed_fields(fields, self.guard.fields_for(scope), policy)
+        respond(status, fixed, [(b"x-request-id", request_id.encode())], line, body)
         self.answered += 1
         self.access.record(scope, state, status, time.perf_counter() - start, request_id)
         return True

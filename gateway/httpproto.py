@@ -48,8 +48,10 @@ class FastPath(Protocol):
 
     repeats: int  # requests whose parse was skipped (see _repeat): the protocol counts them here
 
-    def answer(self, scope: dict[str, Any], respond: Callable[[int, list[Header], list[Header], bytes], None]) -> bool:
-        """(scope, respond(status, fixed fields, own fields, body)) -> answered."""
+    def answer(
+        self, scope: dict[str, Any], respond: Callable[[int, list[Header], list[Header], bytes, bytes], None]
+    ) -> bool:
+        """(scope, respond(status, fixed fields, own fields, made lines, body)) -> answered."""
         ...
 
 # Same fields GuardMiddleware adds to every answer.
