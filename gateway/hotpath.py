@@ -34,7 +34,7 @@ from gateway.responses import Header
 from gateway.scopes import route_path
 
 # status, fields that stay the same across requests (the same list object while they do),
-# the request's own fields, its RateLimit line (Policy.line formatted, or b""), body (empty
+# the request's own fields, its RateLimit line (Policy.line, or b""), body (empty
 # for HEAD). The protocol adds its default fields (Date).
 Respond = Callable[[int, list[Header], list[Header], bytes, bytes], None]
 
@@ -68,7 +68,7 @@ class HotPath:
 
     def answer(self, scope: Scope, respond: Respond) -> bool:
         """Answer the request through ``respond`` and return True, or return False having changed nothing."""
-        start = time.perf_counter()
+        start = time.monotonic()  # also the rate-limit counters' clock: one reading for both
         if self.forwarded.rewrites(scope) or self.guard.check(scope) is not None:
             return False
         if self.cookie_sessions and any(name == b"cookie" for name, _ in scope["headers"]):
@@ -82,7 +82,7 @@ class HotPath:
         principal = self.auth.admit_now(scope, path)
         if principal is None:
             return False
-        limit = self.ratelimit.admit_now(scope, principal, path)  # the first side effect: a counted request
+        limit = self.ratelimit.admit_now(scope, principal, path, start)  # the first side effect: a counted request
         if limit is None:
             return False
 
@@ -98,7 +98,7 @@ class HotPath:
         fixed = self._fixed_fields(fields, self.guard.fields_for(scope), policy)
         respond(status, fixed, [(b"x-request-id", request_id.encode())], line, body)
         self.answered += 1
-        self.access.record(scope, state, status, time.perf_counter() - start, request_id)
+        self.access.record(scope, state, status, time.monotonic() - start, request_id)
         return True
 
     def _fixed_fields(self, fields: list[Header], secure: list[Header], policy: Header | None) -> list[Header]:

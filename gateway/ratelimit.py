@@ -13,9 +13,11 @@ a 429 adds ``Retry-After`` and a problem body naming the violated policy.
 from __future__ import annotations
 
 import collections
+import itertools
 import math
 import time
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Iterator
+from operator import length_hint
 from typing import Any
 
 import limits
@@ -34,7 +36,31 @@ from gateway.settings import RateLimitSettings
 
 QUOTA_EXCEEDED = "https://iana.org/assignments/http-problem-types#quota-exceeded"
 NEVER_LIMITED = frozenset({"/healthz", "/readyz"})
-_ceil = math.ceil
+EXACT_BELOW = 1000  # RateLimit's r is exact below this; above, three significant digits
+_NO_TOKENS: Iterator[Any] = iter(())
+
+
+def shown_remaining(remaining: int) -> int:
+    """``r`` as the RateLimit field states it: exact below 1000, else rounded down to three
+    significant digits (99,940,521 -> 99,900,000).
+
+    The draft lets a server state less quota than there is (sections 4.1.2, 8.3). Near
+    exhaustion, where a client acts on ``r``, it is exact; far from it, the last digits tell
+    a client nothing, and stating them changed the field on every answer, so the hot path
+    formatted a line per request: most of what checking a limit cost a cache hit
+    (bench/limitcost.py). Rounded, a busy caller's line changes every 0.1-1% of its quota
+    or when ``t`` ticks, and a connection reuses it in between (``HeldCounter``).
+    """
+    return _stated_range(remaining)[0]
+
+
+def _stated_range(remaining: int) -> tuple[int, int]:
+    """The least and the greatest remaining quota stated as ``shown_remaining(remaining)``."""
+    if remaining < EXACT_BELOW:
+        return remaining, remaining
+    step = 10 ** (len(str(remaining)) - 3)
+    low = remaining - remaining % step
+    return low, low + step - 1
 
 
 def _item(value: str | None) -> limits.RateLimitItem | None:
@@ -55,7 +81,7 @@ def _async_uri(uri: str) -> str:
 class Policy:
     """One configured limit ("caller", "ip", a role's or a key's own), its header fields made once."""
 
-    __slots__ = ("_value", "item", "line", "name", "policy_field", "quota", "window")
+    __slots__ = ("_line", "_value", "item", "name", "policy_field", "quota", "window")
 
     def __init__(self, name: str, item: limits.RateLimitItem) -> None:
         self.item = item
@@ -64,13 +90,17 @@ class Policy:
         self.window = item.get_expiry()
         tag = name.encode()
         self.policy_field = (b"ratelimit-policy", b'"%s";q=%d;w=%d' % (tag, self.quota, self.window))
-        # The RateLimit value, to be formatted with (remaining, reset); and the same as a line of
-        # a head: the name is one of ours, the rest two integers, so the line needs no check.
+        # The RateLimit value, to be formatted with (r, t); and the same as a line of a head:
+        # the name is one of ours, the rest two integers, so the line needs no check.
         self._value = b'"%s";r=%%d;t=%%d' % tag
-        self.line = b"ratelimit: " + self._value + b"\r\n"
+        self._line = b"ratelimit: " + self._value + b"\r\n"
 
     def fields(self, remaining: int, reset_in: int) -> list[tuple[bytes, bytes]]:
-        return [self.policy_field, (b"ratelimit", self._value % (remaining, reset_in))]
+        return [self.policy_field, (b"ratelimit", self._value % (shown_remaining(remaining), reset_in))]
+
+    def line(self, remaining: int, reset_in: int) -> bytes:
+        """The RateLimit field of ``fields`` as a line of a response head."""
+        return self._line % (shown_remaining(remaining), reset_in)
 
 
 class Verdict:
@@ -108,19 +138,31 @@ class LocalWindows:
 
     Credit: as time passes within a window the weighted count only falls (the
     previous window weighs less), so the room found by one full computation is
-    a lower bound for the rest of that window. Up to that many requests in the
-    next second are admitted by decrementing it, without redoing the
-    arithmetic; the RateLimit ``r`` they report is at most a second's decay
-    below the exact value. Never more requests than the exact algorithm allows.
-    ``take`` spends that credit on a counter the caller holds (the hot path
-    keeps one per connection), without looking it up again.
+    a lower bound for the rest of that window. Until the RateLimit ``t`` would
+    tick down (at most a second), that many requests are admitted by
+    decrementing it, without redoing the arithmetic; the ``r`` they report is
+    at most a second's decay below the exact value, and their ``t`` is exact.
+    Never more requests than the exact algorithm allows. Requests admitted on
+    credit are added to the window's count when credit is next granted (the
+    count is read only then). ``take`` spends credit on a counter the caller
+    holds (the hot path keeps one per connection), without looking it up again.
+
+    Tokens: a holder may set part of the credit aside as tokens (``set_aside``),
+    one per request, each an object of its choosing (the hot path's: the fields
+    that state the quota left). Tokens are spent before the rest of the credit,
+    by ``take`` or by the holder itself with ``next(counter[TOKENS], None)``: one
+    C call where counting in Python took three operations.
     """
 
-    def __init__(self, clock: Callable[[], float] = time.time) -> None:
+    # A counter: [current window start, count settled, previous window's count, window,
+    # credit valid until, credit left outside the tokens (int), the t of the credit (int),
+    # credit granted (int), tokens (an iterator)]. A grant empties the tokens.
+    TOKENS = 8
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
         self._clock = clock
-        # policy -> key -> [current window start, current count, previous count, window,
-        # credit valid until, credit (an int), current window end]. Per policy (a Policy
-        # object in the gateway), so the per-request lookup is by the key string alone.
+        # policy -> key -> counter. Per policy (a Policy object in the gateway), so the
+        # per-request lookup is by the key string alone.
         self._tables: dict[Hashable, dict[str, list[Any]]] = {}
         self._next_prune = 0.0
 
@@ -129,16 +171,19 @@ class LocalWindows:
         table = self._tables.get(policy)
         if table is None:
             table = self._tables[policy] = {}
+        now = self._clock()
         c = table.get(key)
         if c is not None:
-            spent = self.take(c)
-            if spent is not None:
-                return True, spent[0], spent[1]
-        now = self._clock()
+            remaining = self.take(c, now)
+            if remaining is not None:
+                return True, remaining, c[6]
+            c[1] += c[7] - self.left(c)  # settle what the credit admitted
+            c[5] = c[7] = 0
+            c[8] = _NO_TOKENS
         start = now - now % window
         if c is None or c[0] != start:
-            previous = c[1] if c is not None and c[0] == start - window else 0.0
-            c = table[key] = [start, 0.0, previous, window, 0.0, 0, start + window]
+            previous = c[1] if c is not None and c[0] == start - window else 0
+            c = table[key] = [start, 0, previous, window, 0.0, 0, window, 0, _NO_TOKENS]
         elapsed = now - start
         weighted = c[2] * (window - elapsed) / window + c[1]
         if now >= self._next_prune:
@@ -146,10 +191,13 @@ class LocalWindows:
         if weighted + 1 <= amount:
             c[1] += 1
             remaining = int(amount - weighted - 1)
-            c[4] = min(now + 1.0, start + window)  # the credit never crosses into the next window
-            c[5] = remaining
-            # 0 <= elapsed < window, so the window ends in 1..window seconds.
-            return True, remaining, math.ceil(window - elapsed)
+            reset_in = math.ceil(window - elapsed)  # 0 <= elapsed < window: 1..window seconds
+            # Credit until t ticks down, so every request it admits states this t; the credit
+            # never crosses into the next window (reset_in >= 1).
+            c[4] = start + window - (reset_in - 1)
+            c[5] = c[7] = remaining
+            c[6] = reset_in
+            return True, remaining, reset_in
         wait = self._wait(c, amount, window, elapsed)
         return False, max(0, int(amount - weighted)), max(1, min(2 * window, math.ceil(wait)))
 
@@ -158,19 +206,33 @@ class LocalWindows:
         table = self._tables.get(policy)
         return table.get(key) if table is not None else None
 
-    def take(self, c: list[Any]) -> tuple[int, int] | None:
-        """Count one request against the credit of counter ``c``: (remaining, reset), or None
-        when the credit is used up or has expired (then ``hit`` decides).
+    @staticmethod
+    def take(c: list[Any], now: float) -> int | None:
+        """Count one request at ``now`` (this object's clock) against the credit of counter ``c``:
+        the remaining quota, with ``c[6]`` the seconds until the window resets; None when the
+        credit is used up or has expired (then ``hit`` decides).
 
         A caller may hold on to ``c`` (the hot path keeps it per connection): once its
         window is over, the table has a new list and ``c``'s credit has expired with it.
         """
-        now = self._clock()
-        if now < c[4] and c[5] >= 1:
-            c[1] += 1
-            c[5] -= 1
-            return c[5], _ceil(c[6] - now)
+        if now < c[4]:
+            if next(c[8], None) is not None:
+                return c[5] + length_hint(c[8])
+            if c[5] >= 1:
+                c[5] -= 1
+                return c[5]  # type: ignore[no-any-return]
         return None
+
+    @staticmethod
+    def left(c: list[Any]) -> int:
+        """The credit counter ``c`` has left, tokens included."""
+        return c[5] + length_hint(c[8])  # type: ignore[no-any-return]
+
+    @staticmethod
+    def set_aside(c: list[Any], units: int, token: object) -> None:
+        """Turn ``units`` of ``c``'s credit (0 <= units <= credit left) into tokens ``token``."""
+        c[5] = LocalWindows.left(c) - units
+        c[8] = itertools.repeat(token, units)
 
     @staticmethod
     def _wait(c: list[Any], amount: int, window: int, elapsed: float) -> float:
@@ -331,39 +393,75 @@ class RateLimitMiddleware:
         state["gateway.detail"] = problem.detail
         await send_problem(send, problem, head=scope["method"] == "HEAD")
 
-    def admit_now(self, scope: Scope, principal: Principal, path: str) -> tuple[Header, bytes] | tuple[()] | None:
+    def admit_now(self, scope: Scope, principal: Principal, path: str, now: float) -> tuple[Header, bytes] | tuple[()] | None:
         """Count the request and return its fields, when it is admitted without an await.
 
-        For the hot path, given the request's ``route_path``: ``RateLimit-Policy``
-        (the same object for every request of the policy) and the ``RateLimit``
-        line (``Policy.line`` formatted); ``()`` when no limit applies. None when
-        counters are not in this process or the request is refused; a refused
-        request is not counted (the algorithm counts only what it admits), so
-        ``__call__`` then decides it afresh.
+        For the hot path, given the request's ``route_path`` and the time it began
+        (``time.monotonic()``, the counters' clock): ``RateLimit-Policy`` (the same
+        object for every request of the policy) and the ``RateLimit`` line; ``()``
+        when no limit applies. None when counters are not in this process or the
+        request is refused; a refused request is not counted (the algorithm counts
+        only what it admits), so ``__call__`` then decides it afresh.
 
-        A connection keeps the counter of the identity it last admitted
-        (``scope["gateway.connection"]``): while the auth layer hands over the very
-        same principal (a repeated request, see ``gateway.httpproto``), its next
-        requests spend that counter's credit without choosing the policy again.
+        A connection holds the counter of the identity it last admitted
+        (``scope["gateway.connection"]``, a ``HeldCounter``): while the auth layer
+        hands over the very same principal (a repeated request, see
+        ``gateway.httpproto``), its next requests spend that counter's credit
+        without choosing the policy again, and reuse the line while it still states
+        the quota as ``Policy.line`` would.
         """
         if path in NEVER_LIMITED:
             return ()
-        local = self._local
         connection = scope.get("gateway.connection")
         held = connection.get("ratelimit") if connection is not None else None
-        if held is not None and held[0] is principal and local is not None:
-            spent = local.take(held[2])
-            if spent is not None:
-                policy = held[1]
-                return policy.policy_field, policy.line % spent
+        if held is not None and held.principal is principal:
+            c = held.counter
+            if c is None:  # no limit for this principal
+                return ()
+            # LocalWindows.take, for a token set aside by remake: the fields that state this request's r.
+            if now < c[4]:
+                fields = next(c[8], None)
+                if fields is not None:
+                    return fields  # type: ignore[no-any-return]
+            remaining = LocalWindows.take(c, now)
+            if remaining is not None:
+                return held.remake(remaining)
+        local = self._local
         policy, key = self._policy(scope, principal)
+        # Per-IP keys vary behind a proxy: anonymous callers are never held.
+        holds = connection is not None and principal.method != "anonymous"
         if policy is None:
+            if holds:
+                connection["ratelimit"] = HeldCounter(principal, None, None)  # type: ignore[index]
             return ()
         if local is None:
             return None
         allowed, remaining, reset_in = local.hit(policy, key, policy.quota, policy.window)
         if not allowed:
             return None
-        if connection is not None and principal.method != "anonymous":  # per-IP keys vary behind a proxy
-            connection["ratelimit"] = (principal, policy, local.counter(policy, key))
-        return policy.policy_field, policy.line % (remaining, reset_in)
+        if not holds:
+            return policy.policy_field, policy.line(remaining, reset_in)
+        held = connection["ratelimit"] = HeldCounter(principal, policy, local.counter(policy, key))  # type: ignore[index]
+        return held.remake(remaining)
+
+
+class HeldCounter:
+    """A connection's hold on its caller's counter in ``LocalWindows``; with no policy and no
+    counter, that no limit applies to the caller."""
+
+    __slots__ = ("counter", "policy", "principal")
+
+    def __init__(self, principal: Principal, policy: Policy | None, counter: list[Any] | None) -> None:
+        self.principal = principal
+        self.policy = policy
+        self.counter = counter
+
+    def remake(self, remaining: int) -> tuple[Header, bytes]:
+        """``admit_now``'s fields for ``remaining`` (just spent from the counter's credit); the
+        credit down to the least quota they state alike (see shown_remaining) is set aside as
+        tokens of them, for the next requests of this caller on any connection."""
+        c, policy = self.counter, self.policy
+        assert c is not None and policy is not None
+        fields = (policy.policy_field, policy.line(remaining, c[6]))
+        LocalWindows.set_aside(c, remaining - _stated_range(remaining)[0], fields)
+        return fields

@@ -96,7 +96,8 @@ def _hot_answered(gw: Gateway) -> int | None:
 
 
 def test_a_hot_answer_is_the_asgi_answer(simulator: Simulator, make_gateway: Callable[..., Gateway]) -> None:
-    gw = make_gateway(simulator.url, {**TTL, "server": {"tls": "self-signed"}})
+    # A quota under 1000, so RateLimit's r is exact (gateway.ratelimit.shown_remaining).
+    gw = make_gateway(simulator.url, {**TTL, "server": {"tls": "self-signed"}, "ratelimit": {"per_caller": "900/minute"}})
     (first,) = _exchange(gw, _request(gw, "viewer"))  # the miss: through ASGI, stored
     assert first.status == 200 and "fwd=miss" in first.get("cache-status")
     for _ in range(3):  # the three must fall in one second of the entry's age to compare whole
@@ -299,7 +300,7 @@ def _one_by_one(sock: socket.socket, raw: bytes, count: int, **kw: Any) -> list[
 
 
 def test_a_repeated_request_is_parsed_once_and_answered_as_any(simulator: Simulator, make_gateway: Callable[..., Gateway]) -> None:
-    gw = make_gateway(simulator.url, TTL)
+    gw = make_gateway(simulator.url, {**TTL, "ratelimit": {"per_caller": "900/minute"}})  # r exact below 1000
     _exchange(gw, _request(gw, "viewer"))
     before = _stats(gw)
     with _connect(gw) as sock:

@@ -195,9 +195,9 @@ def test_a_counter_held_across_requests_decides_as_the_table_does() -> None:
         now[0] += rng.choice((0.0, 0.0, 0.1, 0.3, 0.5, 1.0))
         if rng.random() < 0.01:
             now[0] += rng.choice((window / 2, 1.5 * window, 40.0 * window))  # lulls, and one long enough to prune
-        spent = windows.take(held) if held is not None else None
+        spent = windows.take(held, now[0]) if held is not None else None
         if spent is not None:
-            allowed, remaining = True, spent[0]
+            allowed, remaining = True, spent
             taken += 1
         else:
             allowed, remaining, _ = windows.hit("caller", "k", amount, window)
@@ -207,6 +207,62 @@ def test_a_counter_held_across_requests_decides_as_the_table_does() -> None:
         assert remaining <= exact_remaining
         admitted += allowed
     assert taken > 1000 and admitted < 5000  # credit was spent, and the limit was reached
+
+
+def test_remaining_is_exact_near_exhaustion_and_rounded_down_far_from_it() -> None:
+    from gateway.ratelimit import shown_remaining
+
+    table = {0: 0, 1: 1, 999: 999, 1000: 1000, 1009: 1000, 1999: 1990, 12345: 12300, 99_940_521: 99_900_000}
+    assert {r: shown_remaining(r) for r in table} == table
+    previous = 0
+    for r in [*range(0, 3000), *range(3000, 10**7, 7919)]:
+        shown = shown_remaining(r)
+        assert shown <= r and r - shown <= r // 100  # never more than there is, and within 1%
+        assert shown >= previous  # monotonic: a line made at a higher r is right while r >= what it states
+        previous = shown
+
+
+def test_a_connection_reuses_a_line_only_while_it_states_the_exact_quota() -> None:
+    """The hot path's admit_now keeps each connection's last RateLimit line; every answer must
+    still carry exactly Policy.line(r, t) of that request's own counting."""
+    import math
+    import random
+
+    from gateway.auth import Principal
+    from gateway.ratelimit import LocalWindows, RateLimiter, RateLimitMiddleware
+    from gateway.settings import RateLimitSettings
+
+    rng = random.Random(5)
+    now = [6000.0]
+    quota = 3000  # r runs through the rounded (>= 1000) and the exact range
+    limiter = RateLimiter(RateLimitSettings(per_caller=f"{quota}/minute"))
+    limiter.local = local = LocalWindows(clock=lambda: now[0])
+    middleware = RateLimitMiddleware(lambda *a: None, limiter)  # type: ignore[arg-type,return-value]
+    policy = limiter.per_caller
+    assert policy is not None
+    alice = Principal(id="key:alice", name="alice", role="viewer", method="key")
+    connections = [{"gateway.connection": {}} for _ in range(3)]  # three connections of one caller
+    reference: dict[str, list[float]] = {}
+    lines = set()
+    reused = 0
+    for _ in range(40000):
+        now[0] += rng.choice((0.0, 0.0, 0.0, 0.0, 0.001, 0.002, 0.01, 0.1))
+        scope = rng.choice(connections)
+        admitted = middleware.admit_now(scope, alice, "/cgi-bin/dl_cgi", now[0])
+        exact_allowed, exact_remaining = _exact_sliding_window(reference, "alice", now[0], quota, 60)
+        assert (admitted is not None) == exact_allowed, now[0]
+        if admitted is None:
+            continue
+        counter = local.counter(policy, alice.id)
+        assert counter is not None
+        remaining = LocalWindows.left(counter)  # this request's r: spent by a token, take or hit
+        assert exact_remaining - quota // 60 - 1 <= remaining <= exact_remaining  # a second's decay at most
+        reset_in = math.ceil(now[0] - now[0] % 60 + 60 - now[0])
+        assert admitted == (policy.policy_field, policy.line(remaining, reset_in))  # r as stated, t exact
+        reused += admitted[1] in lines
+        lines.add(admitted[1])
+    assert any(b"r=0;" in line for line in lines)  # the timeline reaches the limit
+    assert len(lines) > 1000 and reused > 10000  # lines are remade, and reused (tokens spent)
 
 
 def test_the_ratelimit_line_is_the_field_as_a_checked_encoder_writes_it() -> None:
@@ -220,8 +276,8 @@ def test_the_ratelimit_line_is_the_field_as_a_checked_encoder_writes_it() -> Non
     encoder = head_encoder(httptools_impl)
     assert encoder is not None
     checked, _ = encoder.encode(200, [(b"content-length", b"0"), policy.fields(59, 30)[1]])
-    assert checked.endswith(b"\r\n" + policy.line % (59, 30) + b"\r\n")
-    assert policy.line % (59, 30) == b'ratelimit: "caller";r=59;t=30\r\n'
+    assert checked.endswith(b"\r\n" + policy.line(59, 30) + b"\r\n")
+    assert policy.line(59, 30) == b'ratelimit: "caller";r=59;t=30\r\n'
 
 
 def test_an_address_is_maybe_blocked_only_once_it_has_failed_as_often_as_allowed() -> None:
