@@ -179,7 +179,7 @@ def main() -> int:
             work / "throughput", upstream, body_file, connections=[16, 64], runs=runs, duration=duration,
             warmup=1.0 if q else 2.0, paced_delay_ms=20, retry_budget=0 if q else 6, log=log))
         section("limitcost", lambda: limitcost.run(
-            work / "limitcost", upstream.url, rounds=3 if q else 12, duration=2.0 if q else 6.0, log=log))
+            work / "limitcost", upstream.url, rounds=3 if q else 20, duration=2.0 if q else 5.0, log=log))
         section("inprocess", lambda: inprocess.run(work / "inprocess", upstream.url, reps=3 if q else 15, log=log))
         section("profile", lambda: profile.run(work / "profile", upstream, out_dir, seconds=3 if q else 8, log=log))
         section("swr", lambda: swr.run(work / "swr", duration=5.0 if q else 10.0, connections=8, delay_ms=20, log=log))

@@ -7,14 +7,21 @@ same core, each under its own wrk: whatever slows the core slows both, and
 the cost is 1 - (requests per CPU-second with limits) / (without), the CPU
 time read from /proc for each process over the same interval.
 
-Two processes of each variant (with, without, with, without) cancel the
-order in which they were started, which moves a process by about 1%; the
-A/A ratios of the two pairs report that, the instrument's own noise. wrk
-starts in a rotated order each round.
+Each round starts four fresh processes, two of each variant, in the order
+with, without, without, with (and the mirror order the next round): one
+process differs from another of the same code by about 1% for the whole of
+its life (memory layout, hash seed), and the order processes start in moves
+them too. Kept across rounds, four processes gave A/A "costs" of +0.3% and
++1.1% in two runs; fresh ones average that out. The verdict uses the mean
+cost over the rounds and its 95% bootstrap interval: not measurable when
+the interval reaches zero while being narrow enough (half-width at most 1%)
+to have seen a cost of 1%; no verdict when it is wider (``--quick``).
 """
 
 from __future__ import annotations
 
+import random
+import statistics
 import threading
 from pathlib import Path
 from typing import Any
@@ -27,6 +34,7 @@ VARIANTS = {
     "limits": CACHE,  # as benchmarked elsewhere: limits checked on every request, raised so they never trip
     "nolimit": {**CACHE, "ratelimit": {"per_caller": "off", "per_ip": "off", "auth_failures": "off"}},
 }
+RESOLUTION = 0.01  # the instrument must be able to see a cost this large for "not measurable" to mean anything
 
 
 def _spread(values: list[float]) -> dict[str, float]:
@@ -35,54 +43,80 @@ def _spread(values: list[float]) -> dict[str, float]:
     return {"median": median(values), "q1": ordered[q], "q3": ordered[-1 - q]}
 
 
+def mean_interval(values: list[float], level: float = 0.95, resamples: int = 10000) -> dict[str, float]:
+    """The mean of ``values`` and its percentile-bootstrap interval (seeded: the same data, the same interval)."""
+    rng = random.Random(7)
+    means = sorted(statistics.fmean(rng.choices(values, k=len(values))) for _ in range(resamples))
+    tail = int(resamples * (1 - level) / 2)
+    return {"mean": statistics.fmean(values), "low": means[tail], "high": means[-1 - tail]}
+
+
+def not_measurable(interval: dict[str, float]) -> bool | None:
+    """Whether the cost is indistinguishable from zero; None when the interval is too wide to tell."""
+    if (interval["high"] - interval["low"]) / 2 > RESOLUTION:
+        return None
+    return interval["low"] <= 0
+
+
 def run(work: Path, upstream_url: str, *, rounds: int, duration: float, connections: int = 16, log: Any = print) -> dict[str, Any]:
-    procs: list[tuple[Proc, Path]] = []
-    for i, variant in enumerate(["limits", "nolimit", "limits", "nolimit"]):
-        p = servers.gateway(work / f"{variant}{i}", upstream_url, VARIANTS[variant], name=f"{variant}{i}")
-        procs.append((p, wrk.script(work / f"{variant}{i}.lua", servers.auth_headers(p))))
-    try:
-        for p, lua in procs:  # fills each cache, and warms each process
-            wrk.run(p.url + servers.DEVICE_LIST, lua, connections=connections, duration=2.0)
-        costs: list[float] = []
-        same_limits: list[float] = []
-        same_nolimit: list[float] = []
-        per_cpu_s: list[list[float]] = []
-        for r in range(rounds):
-            rate = _round(procs[r % 4 :] + procs[: r % 4], procs, connections, duration)
-            per_cpu_s.append(rate)
-            costs.append(1 - (rate[0] + rate[2]) / (rate[1] + rate[3]))
-            same_limits.append(1 - rate[0] / rate[2])
-            same_nolimit.append(1 - rate[1] / rate[3])
-            log(f"  round {r + 1}/{rounds}: requests per CPU-second {' '.join(f'{x:6.0f}' for x in rate)}"
-                f" -> limits cost {costs[-1]:+.1%} (A/A {same_limits[-1]:+.1%}, {same_nolimit[-1]:+.1%})")
-    finally:
-        for p, _ in procs:
-            p.stop()
+    costs: list[float] = []
+    same_limits: list[float] = []
+    same_nolimit: list[float] = []
+    per_cpu_s: list[dict[str, float]] = []
+    for r in range(rounds):
+        order = ["limits", "nolimit", "nolimit", "limits"] if r % 2 == 0 else ["nolimit", "limits", "limits", "nolimit"]
+        rate = _round(work, upstream_url, order, r, connections, duration)
+        per_cpu_s.append(rate)
+        first = {v: rate[f"{v}{order.index(v)}"] for v in VARIANTS}
+        second = {v: rate[f"{v}{3 - order.index(v)}"] for v in VARIANTS}
+        costs.append(1 - (first["limits"] + second["limits"]) / (first["nolimit"] + second["nolimit"]))
+        same_limits.append(1 - first["limits"] / second["limits"])
+        same_nolimit.append(1 - first["nolimit"] / second["nolimit"])
+        log(f"  round {r + 1}/{rounds}: requests per CPU-second {' '.join(f'{k}={v:.0f}' for k, v in rate.items())}"
+            f" -> limits cost {costs[-1]:+.1%} (A/A {same_limits[-1]:+.1%}, {same_nolimit[-1]:+.1%})")
     return {
         "rounds": rounds, "duration_s": duration, "connections": connections,
-        "requests_per_cpu_s": per_cpu_s, "costs": costs, "cost": _spread(costs),
+        "requests_per_cpu_s": per_cpu_s, "costs": costs, "cost": _spread(costs), "mean_cost": mean_interval(costs),
         "aa_limits": _spread(same_limits), "aa_nolimit": _spread(same_nolimit),
     }
 
 
-def _round(order: list[tuple[Proc, Path]], procs: list[tuple[Proc, Path]], connections: int, duration: float) -> list[float]:
-    """All four loaded at once; requests per CPU-second of each, in ``procs`` order."""
-    results: dict[int, dict[str, Any]] = {}
-    before = {p.pid: cpu_seconds(p.pid) for p, _ in procs}
+def _round(work: Path, upstream_url: str, order: list[str], r: int, connections: int, duration: float) -> dict[str, float]:
+    """Four fresh processes loaded at once; requests per CPU-second of each, by variant and place."""
+    procs: list[tuple[str, Proc, Path]] = []
+    try:
+        for i, variant in enumerate(order):
+            # A name of its own each round: the launcher finds the port in the process's log.
+            p = servers.gateway(work / f"slot{i}", upstream_url, VARIANTS[variant], name=f"{variant}{i}-round{r}")
+            procs.append((f"{variant}{i}", p, wrk.script(work / f"slot{i}.lua", servers.auth_headers(p))))
+        _load_all(procs, connections, 2.0)  # fills each cache, and warms each process
+        before = {p.pid: cpu_seconds(p.pid) for _, p, _ in procs}
+        results = _load_all(procs, connections, duration)
+        rates = {}
+        for name, p, _ in procs:
+            cpu = cpu_seconds(p.pid) - before[p.pid]
+            got = results[name]
+            if got["error_count"] or cpu <= 0:
+                raise RuntimeError(f"{name}: {got['error_count']} errors, {cpu:.2f} CPU-seconds in a round")
+            rates[name] = got["requests"] / cpu
+        return rates
+    finally:
+        for _, p, _ in procs:
+            p.stop()
 
-    def load(p: Proc, lua: Path) -> None:
-        results[p.pid] = wrk.run(p.url + servers.DEVICE_LIST, lua, connections=connections, duration=duration)
 
-    threads = [threading.Thread(target=load, args=pair) for pair in order]
+def _load_all(procs: list[tuple[str, Proc, Path]], connections: int, duration: float) -> dict[str, dict[str, Any]]:
+    results: dict[str, dict[str, Any]] = {}
+
+    def load(name: str, p: Proc, lua: Path) -> None:
+        results[name] = wrk.run(p.url + servers.DEVICE_LIST, lua, connections=connections, duration=duration)
+
+    threads = [threading.Thread(target=load, args=triple) for triple in procs]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    rates = []
-    for p, _ in procs:
-        cpu = cpu_seconds(p.pid) - before[p.pid]
-        r = results[p.pid]
-        if r["error_count"] or cpu <= 0:
-            raise RuntimeError(f"{p.name}: {r['error_count']} errors, {cpu:.2f} CPU-seconds in a round")
-        rates.append(r["requests"] / cpu)
-    return rates
+    missing = [name for name, _, _ in procs if name not in results]
+    if missing:
+        raise RuntimeError(f"wrk gave no result for {', '.join(missing)}")
+    return results
