@@ -49,7 +49,7 @@ def shown_remaining(remaining: int) -> int:
     a client nothing, and stating them changed the field on every answer, so the hot path
     formatted a line per request: most of what checking a limit cost a cache hit
     (bench/limitcost.py). Rounded, a busy caller's line changes every 0.1-1% of its quota
-    or when ``t`` ticks, and a connection reuses it in between (``HeldCounter``).
+    or when ``t`` ticks, and is sent from tokens in between (``HeldCounter.remake``).
     """
     return _stated_range(remaining)[0]
 
@@ -150,14 +150,13 @@ class LocalWindows:
     Tokens: a holder may set part of the credit aside as tokens (``set_aside``),
     one per request, each an object of its choosing (the hot path's: the fields
     that state the quota left). Tokens are spent before the rest of the credit,
-    by ``take`` or by the holder itself with ``next(counter[TOKENS], None)``: one
-    C call where counting in Python took three operations.
+    by ``take`` or by the holder itself with ``next(counter[8], None)``: one C
+    call where counting in Python took three operations.
     """
 
-    # A counter: [current window start, count settled, previous window's count, window,
-    # credit valid until, credit left outside the tokens (int), the t of the credit (int),
-    # credit granted (int), tokens (an iterator)]. A grant empties the tokens.
-    TOKENS = 8
+    # A counter: [0 current window start, 1 count settled, 2 previous window's count,
+    # 3 window, 4 credit valid until, 5 credit left outside the tokens (int), 6 the t of the
+    # credit (int), 7 credit granted (int), 8 tokens (an iterator)]. A grant empties the tokens.
 
     def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
         self._clock = clock
@@ -407,8 +406,8 @@ class RateLimitMiddleware:
         (``scope["gateway.connection"]``, a ``HeldCounter``): while the auth layer
         hands over the very same principal (a repeated request, see
         ``gateway.httpproto``), its next requests spend that counter's credit
-        without choosing the policy again, and reuse the line while it still states
-        the quota as ``Policy.line`` would.
+        without choosing the policy again: first the tokens ``HeldCounter.remake``
+        set aside, each the fields ``Policy.line`` makes for the quota it leaves.
         """
         if path in NEVER_LIMITED:
             return ()
