@@ -51,16 +51,10 @@ def shown_remaining(remaining: int) -> int:
     (bench/limitcost.py). Rounded, a busy caller's line changes every 0.1-1% of its quota
     or when ``t`` ticks, and is sent from tokens in between (``HeldCounter.remake``).
     """
-    return _stated_range(remaining)[0]
-
-
-def _stated_range(remaining: int) -> tuple[int, int]:
-    """The least and the greatest remaining quota stated as ``shown_remaining(remaining)``."""
     if remaining < EXACT_BELOW:
-        return remaining, remaining
+        return remaining
     step = 10 ** (len(str(remaining)) - 3)
-    low = remaining - remaining % step
-    return low, low + step - 1
+    return remaining - remaining % step
 
 
 def _item(value: str | None) -> limits.RateLimitItem | None:
@@ -207,7 +201,7 @@ class LocalWindows:
 
     @staticmethod
     def take(c: list[Any], now: float) -> int | None:
-        """Count one request at ``now`` (this object's clock) against the credit of counter ``c``:
+        """Count one request at ``now`` (the counters' clock) against the credit of counter ``c``:
         the remaining quota, with ``c[6]`` the seconds until the window resets; None when the
         credit is used up or has expired (then ``hit`` decides).
 
@@ -358,7 +352,6 @@ class RateLimitMiddleware:
     def __init__(self, app: ASGIApp, limiter: RateLimiter) -> None:
         self.app = app
         self.limiter = limiter
-        self._local = limiter.local  # fixed by the storage setting
 
     def _policy(self, scope: Scope, principal: Principal | None) -> tuple[Policy | None, str]:
         if principal is None or principal.method == "anonymous":
@@ -425,7 +418,7 @@ class RateLimitMiddleware:
             remaining = LocalWindows.take(c, now)
             if remaining is not None:
                 return held.remake(remaining)
-        local = self._local
+        local = self.limiter.local
         policy, key = self._policy(scope, principal)
         # Per-IP keys vary behind a proxy: anonymous callers are never held.
         holds = connection is not None and principal.method != "anonymous"
@@ -462,5 +455,5 @@ class HeldCounter:
         c, policy = self.counter, self.policy
         assert c is not None and policy is not None
         fields = (policy.policy_field, policy.line(remaining, c[6]))
-        LocalWindows.set_aside(c, remaining - _stated_range(remaining)[0], fields)
+        LocalWindows.set_aside(c, remaining - shown_remaining(remaining), fields)
         return fields
