@@ -20,7 +20,9 @@ once the head is complete. So, per connection:
   as that many bytes have arrived, and the connection is closed. Heads under
   the cap are judged precisely by ``GuardMiddleware`` (414/431 problems);
 - the parser's own 400 (malformed HTTP) is a problem document with the
-  security headers, like every other answer.
+  security headers, like every other answer;
+- a refused connection lingers before it closes (see ``_linger``), so the
+  client reads its problem instead of a reset.
 
 And one speed-up (see ``CoalescingCycle``): a response whose length is known
 leaves in one write, head and body together, instead of uvicorn's two.
@@ -41,6 +43,10 @@ from gateway.responses import Header
 from gateway.settings import ServerSettings
 
 log = logging.getLogger("gateway.access")
+
+# A refused connection closes once the client has sent nothing for this long (see _linger);
+# nginx's lingering_timeout, shorter: a client still writing its request sends without pause.
+LINGER_QUIET = 1.0
 
 
 class FastPath(Protocol):
@@ -109,6 +115,8 @@ def protocol_class(server: ServerSettings, fast: FastPath | None = None) -> type
             self._parsed: list[dict[str, Any] | None] | None = None
             # Per-connection memos of the layers (scope["gateway.connection"]): dropped with the connection.
             self._memo: dict[str, Any] = {}
+            # While a refused connection lingers: when it closes at the latest (see _linger).
+            self._linger_end: float | None = None
 
         def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
             super().connection_made(transport)
@@ -125,6 +133,9 @@ def protocol_class(server: ServerSettings, fast: FastPath | None = None) -> type
 
         def data_received(self, data: bytes) -> None:
             if not self._reading_head:
+                if self._linger_end is not None:
+                    self._deadline = self.loop.time() + LINGER_QUIET  # dropped: the request was refused
+                    return
                 super().data_received(data)
                 return
             if data == self._repeat_bytes and self._may_repeat():
@@ -324,10 +335,14 @@ def protocol_class(server: ServerSettings, fast: FastPath | None = None) -> type
             self._deadline_timer = None
             if self._deadline is None or self.transport.is_closing():
                 return  # a request is being answered; its end sets the next deadline
-            if self.loop.time() < self._deadline:
-                self._deadline_timer = self.loop.call_at(self._deadline, self._deadline_passed)
+            due = self._deadline if self._linger_end is None else min(self._deadline, self._linger_end)
+            if self.loop.time() < due:
+                self._deadline_timer = self.loop.call_at(due, self._deadline_passed)
                 return
             self._deadline = None
+            if self._linger_end is not None:
+                self.transport.close()  # the client went quiet, or lingered too long
+                return
             if self._head_bytes:
                 self._refuse(408, f"request head not complete within {self.head_timeout:g} s")
             else:
@@ -346,9 +361,31 @@ def protocol_class(server: ServerSettings, fast: FastPath | None = None) -> type
             head.append(b"connection: close\r\n")
             head.append(_SECURITY)
             self.transport.write(b"".join(head) + b"\r\n" + body)
-            self.transport.close()
+            self._linger()
             client = self.client[0] if self.client else "-"
             log.info("client=%s status=%d detail=%r (connection closed before the app)", client, status, detail)
+
+        def _linger(self) -> None:
+            """Close without losing the answer just written, as nginx's lingering close.
+
+            A socket closed with unread bytes makes the kernel send a reset, and a reset can
+            destroy the answer before the client reads it: a client still writing a megabyte
+            header, or the rest of a malformed request, would see only the reset. So the
+            connection stops sending (half-closes, where the transport can; TLS cannot),
+            drops whatever still arrives (data_received), and closes when the client closes,
+            has sent nothing for LINGER_QUIET s, or after head_timeout s at the most.
+            """
+            if self.transport.is_closing():
+                return
+            if self.transport.can_write_eof():
+                self.transport.write_eof()  # after the answer: the client reads it, then end of stream
+            self.flow.resume_reading()
+            now = self.loop.time()
+            self._linger_end = now + self.head_timeout
+            self._deadline = now + LINGER_QUIET
+            if self._deadline_timer is not None:
+                self._deadline_timer.cancel()  # it may be armed for a later head deadline
+            self._deadline_timer = self.loop.call_at(self._deadline, self._deadline_passed)
 
     return GuardedHttpToolsProtocol
 
