@@ -246,9 +246,14 @@ def test_idle_keepalive_wakes_the_pvs_only_when_nobody_polls(make_simulator, mak
     make_gateway(busy_sim.url, {"upstream": {"keepalive_interval": 1.0, "poll": ["DeviceList"]}, "cache": {"ttl": {"DeviceList": 0.4}}})
     quiet_sim.reset()
     busy_sim.reset()
+    start = time.monotonic()
     time.sleep(3.5)
-    quiet = quiet_sim.stats()["by_request"]
-    assert 2 <= quiet.get("dl_cgi/supervisor/info", 0) <= 4, quiet
+    # On a loaded CI machine the quiet gateway may fall behind its cadence: it has until 8 s
+    # to send two, and may never send more than one per interval.
+    while (quiet := quiet_sim.stats()["by_request"]).get("dl_cgi/supervisor/info", 0) < 2 and time.monotonic() - start < 8:
+        time.sleep(0.2)
+    elapsed = time.monotonic() - start
+    assert 2 <= quiet.get("dl_cgi/supervisor/info", 0) <= elapsed / 1.0 + 1, (quiet, elapsed)
     busy = busy_sim.stats()["by_request"]
     assert busy.get("DeviceList", 0) >= 3, busy
     assert busy.get("dl_cgi/supervisor/info", 0) == 0, "a PVS that is being polled needs no keep-alive"
