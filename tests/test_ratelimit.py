@@ -223,8 +223,9 @@ def test_remaining_is_exact_near_exhaustion_and_rounded_down_far_from_it() -> No
 
 
 def test_a_connection_reuses_a_line_only_while_it_states_the_exact_quota() -> None:
-    """The hot path's admit_now keeps each connection's last RateLimit line; every answer must
-    still carry exactly Policy.line(r, t) of that request's own counting."""
+    """The hot path's admit_now spends tokens, each a RateLimit line made once for many requests
+    (HeldCounter.remake); every answer must still carry exactly Policy.line(r, t) of that
+    request's own counting."""
     import math
     import random
 
