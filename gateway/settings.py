@@ -232,12 +232,19 @@ class RateLimitSettings:
 
 
 @dataclass(frozen=True)
+class ClusterSettings:
+    # "redis://host:6379/0": every gateway on the same Redis shares cache, budget, limits, sessions.
+    redis_url: Secret = field(default_factory=Secret)
+
+
+@dataclass(frozen=True)
 class Settings:
     server: ServerSettings = field(default_factory=ServerSettings)
     upstream: UpstreamSettings = field(default_factory=UpstreamSettings)
     cache: CacheSettings = field(default_factory=CacheSettings)
     auth: AuthSettings = field(default_factory=AuthSettings)
     ratelimit: RateLimitSettings = field(default_factory=RateLimitSettings)
+    cluster: ClusterSettings = field(default_factory=ClusterSettings)
     # Where relative paths (cert_dir, keys_file) are resolved: the config file's folder.
     base_dir: str = field(default=".", metadata={"internal": True})
 
@@ -550,6 +557,11 @@ def validate(s: Settings) -> list[str]:
         problem = _rate(rate)
         if problem:
             problems.append(f"ratelimit.roles.{role}: {problem}")
+    redis_url = s.cluster.redis_url.get()
+    if redis_url and not redis_url.startswith(("redis://", "rediss://", "unix://")):
+        problems.append("cluster.redis_url: must be a redis://, rediss:// or unix:// URL")
+    elif redis_url and importlib.util.find_spec("redis") is None:
+        problems.append("cluster.redis_url: Redis needs the redis client: pip install 'pvs-gateway[redis]'")
     if not s.ratelimit.storage.startswith(("memory://", "redis://", "rediss://", "async+redis://")):
         problems.append("ratelimit.storage: must be memory:// or a redis:// URI")
     elif "redis" in s.ratelimit.storage and importlib.util.find_spec("redis") is None:
