@@ -13,9 +13,11 @@ edge only counts connections, bytes and time, and refuses:
 - **idle**: a connection with no request in flight that sends nothing for
   ``server.keepalive_timeout`` is closed;
 - **slow or endless heads**: once the first byte of a request arrives, the
-  request must reach the app within ``keepalive_timeout`` (else 408), and at
-  most ``max_url_length + max_header_bytes`` (plus framing) may arrive before
-  it does (else 431): whatever the client sends, in every connection state;
+  request must reach the app within ``keepalive_timeout`` (else 408); once
+  more than ``max_url_length + max_header_bytes`` (plus framing) has arrived
+  without a request reaching the app, the next read is refused with 431
+  (memory: that much plus one read). Heads under it are judged precisely by
+  ``GuardMiddleware`` (414/431), after h11 has parsed them;
 - **bytes while a request is in flight**: h11 stops reading while a request
   is answered (uvicorn pauses the transport on ``h11.PAUSED``); should more
   than a head's worth arrive anyway, the connection is aborted;
@@ -53,7 +55,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from http import HTTPStatus
-from typing import Any
+from typing import Any, cast
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 from uvicorn.protocols.http.h11_impl import H11Protocol
@@ -158,6 +160,7 @@ class Edge(asyncio.Protocol):
         self.active = False  # a request is with the app
         self.head_bytes = 0  # bytes since the last request reached the app (or the start)
         self.lingering = False
+        self.early: bytearray | None = None  # decrypted bytes a loop delivered before start_tls returned
         self.timer: asyncio.TimerHandle | None = None
         self.stall: asyncio.TimerHandle | None = None
 
@@ -180,13 +183,14 @@ class Edge(asyncio.Protocol):
         if tls is None:
             self._open(transport)
         else:
+            # Nothing may reach uvicorn's protocol before the handshake: start_tls reads from here on.
+            cast(asyncio.ReadTransport, transport).pause_reading()
             self.loop.create_task(self._handshake(transport, tls))
 
     async def _handshake(self, raw: asyncio.BaseTransport, context: ssl.SSLContext) -> None:
-        assert isinstance(raw, asyncio.WriteTransport)
         try:
             secured = await self.loop.start_tls(
-                raw, self, context, server_side=True, ssl_handshake_timeout=self.connections.limits.tls_handshake_timeout
+                cast(asyncio.WriteTransport, raw), self, context, server_side=True, ssl_handshake_timeout=self.connections.limits.tls_handshake_timeout
             )
         except (OSError, ssl.SSLError, TimeoutError, ConnectionError, asyncio.CancelledError) as exc:
             log.debug("TLS handshake with %s failed: %s", self.ip, type(exc).__name__)
@@ -206,22 +210,34 @@ class Edge(asyncio.Protocol):
         self.opened = True
         self.inner.connection_made(transport)
         self._arm(self.connections.limits.keepalive_timeout, self._idle_passed)
+        if self.early:
+            early, self.early = bytes(self.early), None
+            self.data_received(early)
 
     def data_received(self, data: bytes) -> None:
+        if not self.opened:
+            # An event loop may hand over the first decrypted bytes before start_tls has returned.
+            self.early = self.early or bytearray()
+            self.early += data
+            if len(self.early) > self.connections.limits.head_bytes:
+                self._abort()
+            return
         if self.lingering:
             self._arm(LINGER_QUIET, self._close)  # dropped: the connection was refused
             return
         limits = self.connections.limits
+        if self.head_bytes > limits.head_bytes:
+            # What arrived so far held no complete head (a request reaching the app resets the
+            # count), or arrived while a request was answered, when h11 reads nothing.
+            if self.active:
+                log.warning("aborting a connection from %s: %d bytes sent ahead of an unanswered request", self.ip, self.head_bytes)
+                self._abort()
+            else:
+                self._refuse(431, f"request head larger than {limits.head_bytes} bytes")
+            return
         if not self.active and self.head_bytes == 0:
             self._arm(limits.keepalive_timeout, self._head_too_slow)  # a new head begins
         self.head_bytes += len(data)
-        if self.head_bytes > limits.head_bytes:
-            if self.active:  # h11 reads nothing while a request is in flight: more is abuse
-                log.warning("aborting a connection from %s: %d bytes sent ahead of an unanswered request", self.ip, self.head_bytes)
-                self._abort()
-                return
-            self._refuse(431, f"request head larger than {limits.head_bytes} bytes")
-            return
         self.inner.data_received(data)  # type: ignore[attr-defined]
 
     def eof_received(self) -> bool | None:
@@ -295,7 +311,7 @@ class Edge(asyncio.Protocol):
         if transport is None or transport.is_closing():
             return
         log.info("refused a connection from %s: %d %s", self.ip, status, detail)
-        assert isinstance(transport, asyncio.WriteTransport)
+        transport = cast(asyncio.WriteTransport, transport)
         transport.write(canned(status, detail))
         self.lingering = True
         with contextlib.suppress(OSError, RuntimeError, NotImplementedError):
@@ -311,7 +327,7 @@ class Edge(asyncio.Protocol):
 
     def _abort(self) -> None:
         if self.transport is not None:
-            self.transport.abort()  # type: ignore[attr-defined]
+            cast(asyncio.WriteTransport, self.transport).abort()
 
     def _cancel_timers(self) -> None:
         for handle in (self.timer, self.stall):

@@ -26,14 +26,13 @@ GRACEFUL_SHUTDOWN = 5.0
 
 
 def run_async(main: Coroutine[Any, Any, None]) -> None:
-    """Run on uvloop when it is installed (uvicorn's ``loop`` setting applies only to uvicorn.run)."""
-    try:
-        import uvloop
-    except ImportError:
-        asyncio.run(main)
-        return
-    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-        runner.run(main)
+    """Run on the standard library's event loop.
+
+    Not uvloop, although uvicorn[standard] installs it: its ``start_tls``, which the edge
+    uses for handshakes with their own deadline, stalled or reset about half of the
+    handshakes of a client connecting in a loop (asyncio's: none).
+    """
+    asyncio.run(main)
 
 
 def _is_loopback(host: str) -> bool:
@@ -120,8 +119,9 @@ async def serve(
         access_log=False,
         log_config=None,
         timeout_keep_alive=int(server_settings.keepalive_timeout),
-        # The edge refuses larger heads with 431 first; h11's own cap is the backstop.
-        h11_max_incomplete_event_size=limits.head_bytes + 1,
+        # The edge refuses a stream of head bytes with 431 one read after its cap; h11's own
+        # cap, above that, is the backstop (400).
+        h11_max_incomplete_event_size=limits.head_bytes + 1024 * 1024,
         timeout_graceful_shutdown=int(GRACEFUL_SHUTDOWN),
     )
     server = uvicorn.Server(config)
