@@ -18,15 +18,20 @@ from __future__ import annotations
 import base64
 import http.client
 import json
+import shutil
 import socket
 import ssl
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 import requests
+import yaml
 
 from tests.conftest import FAST
 from tests.harness import Gateway, Simulator, start_simulator
@@ -474,3 +479,57 @@ def test_ha_esunpower_setup_read_of_supervisor_info(fresh_simulator: Simulator, 
     assert r.status_code == 200
     sup = r.json()["supervisor"]
     assert sup["SERIAL"] == SERIAL and sup["MODEL"] and (sup.get("BUILD") or sup.get("SWVER"))
+
+
+# -- the deploy files that put the gateway on the bridge's ports ------------------------------
+
+DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
+
+
+def test_low_ports_drop_in_grants_only_net_bind_service(tmp_path: Path) -> None:
+    """The unit stays capability-free; its drop-in adds CAP_NET_BIND_SERVICE, and the two verify together."""
+    unit = (DEPLOY / "pvs-gateway.service").read_text()
+    drop_in = (DEPLOY / "pvs-gateway.service.d" / "low-ports.conf").read_text()
+    settings = [line for line in drop_in.splitlines() if line and not line.startswith("#")]
+    assert settings == [
+        "[Service]",
+        "CapabilityBoundingSet=CAP_NET_BIND_SERVICE",
+        "AmbientCapabilities=CAP_NET_BIND_SERVICE",
+    ]
+    assert "pvs-gateway.service.d/low-ports.conf" in (DEPLOY / "README.md").read_text()
+    analyze = shutil.which("systemd-analyze")
+    if analyze is None:
+        pytest.skip("systemd-analyze is not installed")
+    exe = Path(sys.executable).parent / "pvs-gateway"
+    combined = tmp_path / "pvs-gateway.service"  # a drop-in's lines apply after the unit's
+    combined.write_text(unit.replace("/opt/pvs-gateway/bin/pvs-gateway", str(exe)) + "\n" + drop_in)
+    result = subprocess.run([analyze, "verify", str(combined)], capture_output=True, text=True, timeout=60, check=False)
+    complaints = [line for line in (result.stdout + result.stderr).splitlines() if "pvs-gateway" in line]
+    assert result.returncode == 0 and not complaints, result.stdout + result.stderr
+
+
+def test_direct_compose_file_serves_443_and_80() -> None:
+    compose = yaml.safe_load((DEPLOY / "docker-compose.direct.yml").read_text())
+    (service,) = compose["services"].values()
+    assert sorted(service["ports"]) == ["443:443", "80:80"]  # same ports inside: redirects name the right one
+    env = service["environment"]
+    assert env["PVSGW_SERVER__PORT"] == "443" and env["PVSGW_SERVER__HTTP_PORT"] == "80"
+    assert json.loads(env["PVSGW_AUTH__ALLOW_ANONYMOUS_FROM"]) and json.loads(env["PVSGW_SERVER__HOSTNAMES"])
+    assert str(service["sysctls"]["net.ipv4.ip_unprivileged_port_start"]) == "0"
+    assert "privileged" not in service and "cap_add" not in service and "user" not in service  # the image's non-root user
+
+
+@NEEDS_HTTP_PORT
+def test_bridge_recipe_configuration_passes_check(tmp_path: Path) -> None:
+    """The TOML of deploy/README.md's bridge recipe is a valid configuration."""
+    readme = (DEPLOY / "README.md").read_text()
+    section = readme.split("### Replace the Caddy bridge on the same Pi", 1)[1]
+    recipe = section.split("```toml\n", 1)[1].split("```", 1)[0]
+    assert "http_port = 80" in recipe and "port = 443" in recipe and "allow_anonymous_from" in recipe
+    config = tmp_path / "pvs-gateway.toml"
+    config.write_text(recipe)
+    result = subprocess.run(
+        [sys.executable, "-m", "gateway", "check", "--config", str(config)],
+        capture_output=True, text=True, timeout=60, check=False, cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
