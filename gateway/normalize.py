@@ -325,7 +325,10 @@ def datatime(value: Any) -> float | None:
     """Legacy ``"YYYY,MM,DD,HH,MM,SS"`` (UTC) -> Unix seconds."""
     try:
         parts = [int(p) for p in str(value).split(",")]
-        return float(calendar.timegm(dt.datetime(*parts[:6]).timetuple())) if len(parts) == 6 else None
+        if len(parts) != 6:
+            return None
+        year, month, day, hour, minute, second = parts
+        return float(calendar.timegm(dt.datetime(year, month, day, hour, minute, second).timetuple()))
     except (TypeError, ValueError):
         return None
 
