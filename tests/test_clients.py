@@ -18,6 +18,7 @@ from __future__ import annotations
 import base64
 import http.client
 import json
+import re
 import shutil
 import socket
 import ssl
@@ -73,7 +74,9 @@ def port_443_or_free() -> int:
 
 
 def https_port(gw: Gateway) -> int:
-    return int(gw.url.rsplit(":", 1)[1].split("/")[0])
+    """The HTTPS listener's port, from its "listening on https://..." line (the LAN listener may log first)."""
+    found = re.search(r"listening on https://[^\s:]+:(\d+)", gw.logs())
+    return int(found.group(1)) if found else int(gw.url.rsplit(":", 1)[1].split("/")[0])
 
 
 def upstream_log(sim: Simulator) -> list[tuple[str, str]]:
