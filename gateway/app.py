@@ -30,7 +30,7 @@ from gateway.auth import Principal
 from gateway.auth.frontproxy import front_proxy_verifier
 from gateway.auth.keys import KeyStore
 from gateway.auth.middleware import Authenticator, AuthMiddleware, FailureGate
-from gateway.auth.sessions import SessionSigner, load_or_create_secret
+from gateway.auth.sessions import SessionSigner, SessionStore, load_or_create_secret
 from gateway.budget import UpstreamBudget
 from gateway.cache import ResponseCache
 from gateway.errors import PROBLEM_TYPE, problem_body
@@ -45,6 +45,7 @@ from gateway.proxy import Proxy, is_proxied
 from gateway.ratelimit import RateLimiter, RateLimitMiddleware
 from gateway.scopes import route_path
 from gateway.settings import Settings
+from gateway.shared import Shared
 from gateway.upstream import UpstreamClient
 
 log = logging.getLogger("gateway")
@@ -108,19 +109,14 @@ def create_app(
 
     secret = settings.auth.session_secret.get().encode()
     signer = SessionSigner(secret or load_or_create_secret(settings.path(settings.server.cert_dir) / "session.key"))
+    sessions = SessionStore(signer, shared=Shared(settings.cluster.redis_url.get()))
+    pvs_login = local.PVSLogin(settings.upstream, settings.auth.allow_anonymous_from, serial=lambda: upstream.serial)
 
     def api_key(presented: str) -> tuple[Principal, Callable[[], bool]] | None:
         record = keys.verify(presented)  # records the use itself
         return (keys.principal(record), keys.holds(record)) if record is not None else None
 
-    def session(token: str) -> Principal | None:
-        kid = signer.verify(token)
-        record = keys.lookup(kid) if kid else None
-        if record is None:
-            return None
-        keys.record_use(record.id)
-        p = keys.principal(record)
-        return Principal(p.id, p.name, p.role, "session", p.rate_limit)
+    session = local.session_principal(sessions, keys, pvs_login)
 
     proxy = Proxy(
         settings,
@@ -129,8 +125,8 @@ def create_app(
         local={
             "Start": local.session_control(cache),
             "Stop": local.session_control(cache),
-            "auth.login": local.login(signer, settings.auth.session_lifetime),
-            "auth.logout": local.login(signer, settings.auth.session_lifetime),
+            "auth.login": local.login(sessions, settings.auth.session_lifetime, pvs_login),
+            "auth.logout": local.login(sessions, settings.auth.session_lifetime, pvs_login),
         },
     )
     poller = Poller(settings, proxy=proxy, cache=cache, upstream=upstream)
@@ -190,7 +186,7 @@ def create_app(
         Middleware(RateLimitMiddleware, limiter=limiter),
     ]
 
-    parts.background += [keys.watch, poller.run]
+    parts.background += [keys.watch, poller.run, sessions.watch]
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
