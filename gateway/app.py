@@ -151,7 +151,7 @@ def create_app(
     async def gate_hit(ip: str) -> bool:
         return await limiter.auth_failure(ip)
 
-    oidc = _oidc(settings, signer_secret=signer.secret_for("oidc-session")) if "oidc" in settings.auth.methods else None
+    oidc = _oidc(settings, signer_secret=signer.secret_for("oidc-session"), sessions=sessions) if "oidc" in settings.auth.methods else None
     authenticator = Authenticator(
         api_key=api_key if "api_key" in settings.auth.methods else None,
         session=session,
@@ -292,7 +292,7 @@ class _OIDC:
         return login_redirect(request) if wants_html(request) else None
 
 
-def _oidc(settings: Settings, *, signer_secret: str) -> _OIDC:
+def _oidc(settings: Settings, *, signer_secret: str, sessions: SessionStore) -> _OIDC:
     from gateway.auth.oidc import OIDCVerifier
     from gateway.auth.oidc_login import oidc_routes
 
@@ -306,6 +306,7 @@ def _oidc(settings: Settings, *, signer_secret: str) -> _OIDC:
         secret_key=signer_secret,
         https_only=https_only,
         cookie_path=settings.server.root_path or "/",
+        sessions=sessions,
     )
     return _OIDC(client, verifier, login)
 
