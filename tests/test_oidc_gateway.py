@@ -106,8 +106,11 @@ def test_browser_login_data_and_logout(oidc_gateway) -> None:
         assert browser.get("/stats").status_code == 200  # alice is an admin
         browse(browser, "GET", f"{gw.url}/auth/logout")
         assert browser.get(SUPERVISOR, headers={"Accept": "application/json"}).status_code == 401
-    # The old cookie alone is worthless after logout? It is a signed, self-contained session:
-    # logout clears it from the browser; what it cannot do is outlive its lifetime.
+    # Issue 20: a copy of the cookie taken before the logout used to keep reading /stats.
+    with httpx.Client(base_url=gw.url, cookies={"pvsgw_session": cookie}) as replay:
+        r = replay.get("/stats", headers={"Accept": "application/json"})
+        assert r.status_code == 401, r.text
+        assert replay.get(SUPERVISOR, headers={"Accept": "application/json"}).status_code == 401
 
 
 def test_users_outside_the_allow_list_get_403_after_login(oidc_gateway) -> None:
