@@ -429,3 +429,26 @@ def test_pvs_logins_from_the_lan_are_not_failures(localapi_simulator: Simulator,
     with httpx.Client(base_url=gw.url) as c:
         codes = [c.get("/auth?login", headers={"Authorization": _basic("ssm_owner", PVS_PASSWORD)}).status_code for _ in range(5)]
     assert codes == [200] * 5
+
+
+def test_a_logout_at_one_gateway_ends_the_session_at_the_other(redis_url: str, simulator: Simulator, make_gateway) -> None:
+    """Two replicas sharing Redis (and, as they must, the session secret and the keys file)."""
+    shared = {"cluster": {"redis_url": redis_url}, "auth": {"session_secret": "one-secret-for-both-replicas-" + "x" * 8}}
+    first: Gateway = make_gateway(simulator.url, shared)
+    second: Gateway = make_gateway(
+        simulator.url, {**shared, "auth": {**shared["auth"], "keys_file": str(first.workdir / "keys.json")}}, key_roles={"spare": "viewer"}
+    )
+    with httpx.Client(base_url=first.url) as a, httpx.Client(base_url=second.url) as b:
+        token = a.get("/auth?login", headers={"Authorization": _basic("me", first.keys["viewer"])}).json()["session"]
+        a.cookies.clear()
+        cookie = {"Cookie": f"session={token}"}
+        deadline = time.monotonic() + 10
+        while b.get(SUPERVISOR, headers=cookie).status_code != 200:  # honoured once b has read the shared list
+            assert time.monotonic() < deadline, "the other replica never honoured the session"
+            time.sleep(0.2)
+        assert a.get("/auth?logout", headers=cookie).status_code == 204
+        ended = time.monotonic()
+        while b.get(SUPERVISOR, headers=cookie).status_code != 401:
+            assert time.monotonic() - ended < 5, "the logout did not reach the other replica"
+            time.sleep(0.1)
+        assert a.get(SUPERVISOR, headers=cookie).status_code == 401
