@@ -47,10 +47,10 @@ import os
 import re
 import secrets
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeGuard
+from typing import TYPE_CHECKING, Any, Protocol, TypeGuard, TypeVar
 
 from itsdangerous import BadData, Signer
 from itsdangerous.encoding import base64_decode, base64_encode
@@ -60,11 +60,19 @@ from gateway.files import write_atomic
 if TYPE_CHECKING:
     from redis.asyncio import Redis
 
-    from gateway.shared import Shared
+
+class Shared(Protocol):
+    """What the store needs of ``gateway.shared.Shared`` (kept as a protocol: no import upward)."""
+
+    @property
+    def configured(self) -> bool: ...
+
+    async def run(self, op: Callable[[Redis], Awaitable[T]]) -> T | None: ...
 
 __all__ = ["SECRET_BYTES", "Session", "SessionSigner", "SessionStore", "load_or_create_secret"]
 
 log = logging.getLogger("gateway.sessions")
+T = TypeVar("T")
 
 SECRET_BYTES = 32
 MIN_SECRET_BYTES = 16
