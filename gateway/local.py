@@ -96,11 +96,12 @@ class PVSLogin:
         serial = self._upstream.serial or self._learned_serial() or ""
         return serial[-5:] if len(serial) >= 5 else ""
 
-    def from_lan(self, scope: Scope) -> bool:
+    def from_lan(self, ip: str) -> bool:
+        """True if ``ip`` is in ``auth.allow_anonymous_from``."""
         if not self._networks:
             return False
         try:
-            address = ipaddress.ip_address(client_ip(scope))
+            address = ipaddress.ip_address(ip)
         except ValueError:
             return False
         if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
@@ -117,7 +118,7 @@ class PVSLogin:
         if not self._networks or route_path(scope) != AUTH_PATH or scope.get("query_string") not in (b"login", b"login="):
             return False
         expected = self.password()
-        if not expected or not self.from_lan(scope):
+        if not expected or not self.from_lan(client_ip(scope)):
             return False
         ok_user = hmac.compare_digest(user.encode(), PVS_USER.encode())
         ok_password = hmac.compare_digest(password.encode(), expected.encode())
@@ -170,7 +171,7 @@ def session_principal(store: SessionStore, keys: KeyStore, pvs: PVSLogin | None 
             p = keys.principal(record)
             return Principal(p.id, p.name, p.role, "session", p.rate_limit)
         if kind == "pvs" and pvs is not None:
-            if ip is not None and not pvs.from_lan({"client": (ip, 0)}):
+            if ip is not None and not pvs.from_lan(ip):
                 return None
             return Principal(found.subject, PVS_USER, "viewer", "session")
         return None
@@ -207,8 +208,7 @@ def login(store: SessionStore, lifetime: float, pvs: PVSLogin | None = None) -> 
             error.headers = [("WWW-Authenticate", 'Basic realm="pvs-gateway", charset="UTF-8"')]
             await send_problem(send, error, head=head)
             return
-        subject = f"key:{principal.id.removeprefix('key:')}" if principal.method == "api_key" else principal.id
-        _, token = store.issue(subject, lifetime)
+        _, token = store.issue(principal.id, lifetime)  # "key:<kid>" or "pvs:<address>": see session_principal
         cookie = f"session={token}; Path=/; Max-Age={int(lifetime)}; HttpOnly; SameSite=Strict{secure}"
         await send_bytes(
             send,

@@ -323,8 +323,10 @@ class SessionStore:
         if self._shared is None or not self._shared.configured:
             return
         while True:
-            with contextlib.suppress(Exception):  # Shared.run never raises for Redis; nothing else may stop this loop
+            try:
                 await self.sync()
+            except Exception:  # Shared.run absorbs Redis trouble; anything else is a bug, logged, and the loop goes on
+                log.exception("sessions: reading the shared revocation list failed")
             await asyncio.sleep(interval)
 
 
