@@ -96,7 +96,7 @@ def test_bad_tokens_are_refused_with_401(oidc_gateway) -> None:
 
 
 def test_browser_login_data_and_logout(oidc_gateway) -> None:
-    gw, idp = oidc_gateway
+    gw, _ = oidc_gateway
     with httpx.Client(base_url=gw.url) as browser:
         # A browser asking for a page is sent to the login; an API client gets 401 JSON.
         page = browser.get("/", headers={"Accept": "text/html"})
