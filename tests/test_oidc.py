@@ -20,7 +20,7 @@ import time
 import urllib.parse
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import httpx
 import pytest
@@ -33,7 +33,14 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
 from gateway.auth import Principal
-from gateway.auth.oidc import AuthFailed, Forbidden, OIDCVerifier, ProviderUnavailable, _import_keys, claim_groups
+from gateway.auth.oidc import (
+    AuthFailed,
+    Forbidden,
+    OIDCVerifier,
+    ProviderUnavailable,
+    _import_keys,
+    claim_groups,
+)
 from gateway.auth.oidc_login import (
     SESSION_COOKIE,
     _Login,
@@ -95,7 +102,7 @@ class ServerThread:
         self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
         self.thread = threading.Thread(target=lambda: asyncio.run(self.server.serve(sockets=[sock])), daemon=True)
 
-    def __enter__(self) -> ServerThread:
+    def __enter__(self) -> Self:
         self.thread.start()
         deadline = time.monotonic() + 10
         while not self.server.started:
@@ -664,7 +671,7 @@ def test_session_cookie_cannot_be_forged(app_url: str, clock: Clock) -> None:
     with httpx.Client(timeout=10) as browser:
         login_as(browser, app_url, "alice")
         value = browser.cookies[SESSION_COOKIE]
-        data, rest = value.split(".", 1)
+        _, rest = value.split(".", 1)
         payload = session_payload(browser)
         payload["oidc"]["sub"] = "mallory"
         forged = base64.b64encode(json.dumps(payload).encode()).decode()
