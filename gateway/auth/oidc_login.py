@@ -96,7 +96,13 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from gateway.auth import ROLES, Principal
-from gateway.auth.oidc import AuthFailed, Forbidden, OIDCError, OIDCVerifier, ProviderUnavailable
+from gateway.auth.oidc import (
+    AuthFailed,
+    Forbidden,
+    OIDCError,
+    OIDCVerifier,
+    ProviderUnavailable,
+)
 from gateway.auth.sessions import SessionSigner, SessionStore
 from gateway.errors import PROBLEM_TYPE, problem_body
 from gateway.settings import AuthSettings
@@ -324,7 +330,7 @@ class _Login:
             return _error_response(exc)
         except OIDCError as exc:
             return _error_response(exc)
-        except Exception as exc:  # authlib/httpx/joserfc failures during the exchange
+        except Exception as exc:  # noqa: BLE001 -- authlib/httpx/joserfc failures during the exchange
             log.warning("OIDC callback failed: %s: %s", type(exc).__name__, exc)
             if _is_network_error(exc):
                 return _error_response(ProviderUnavailable(f"the identity provider could not be reached: {type(exc).__name__}"))
