@@ -32,7 +32,7 @@ from gateway.auth import Principal
 from gateway.auth.frontproxy import front_proxy_verifier
 from gateway.auth.keys import KeyStore
 from gateway.auth.middleware import Authenticator, AuthMiddleware, FailureGate
-from gateway.auth.sessions import SessionSigner, load_or_create_secret
+from gateway.auth.sessions import SessionSigner, SessionStore, load_or_create_secret
 from gateway.budget import UpstreamBudget
 from gateway.edge import Connections, EdgeLimits, EdgeMiddleware
 from gateway.cache import ResponseCache
@@ -121,19 +121,14 @@ def create_app(
 
     secret = settings.auth.session_secret.get().encode()
     signer = SessionSigner(secret or load_or_create_secret(settings.path(settings.server.cert_dir) / "session.key"))
+    sessions = SessionStore(signer, shared=shared)
+    pvs_login = local.PVSLogin(settings.upstream, settings.auth.allow_anonymous_from, serial=lambda: upstream.serial)
 
     def api_key(presented: str) -> Principal | None:
         record = keys.verify(presented)  # records the use itself
         return keys.principal(record) if record is not None else None
 
-    def session(token: str) -> Principal | None:
-        kid = signer.verify(token)
-        record = keys.lookup(kid) if kid else None
-        if record is None:
-            return None
-        keys.record_use(record.id)
-        p = keys.principal(record)
-        return Principal(p.id, p.name, p.role, "session", p.rate_limit)
+    session = local.session_principal(sessions, keys, pvs_login)
 
     proxy = Proxy(
         settings,
@@ -142,8 +137,8 @@ def create_app(
         local={
             "Start": local.session_control(cache),
             "Stop": local.session_control(cache),
-            "auth.login": local.login(signer, settings.auth.session_lifetime),
-            "auth.logout": local.login(signer, settings.auth.session_lifetime),
+            "auth.login": local.login(sessions, settings.auth.session_lifetime, pvs_login),
+            "auth.logout": local.login(sessions, settings.auth.session_lifetime, pvs_login),
         },
     )
     poller = Poller(settings, proxy=proxy, cache=cache, upstream=upstream)
@@ -164,7 +159,7 @@ def create_app(
     async def gate_hit(ip: str) -> bool:
         return await limiter.auth_failure(ip)
 
-    oidc = _oidc(settings, signer_secret=signer.secret_for("oidc-session")) if "oidc" in settings.auth.methods else None
+    oidc = _oidc(settings, signer_secret=signer.secret_for("oidc-session"), sessions=sessions) if "oidc" in settings.auth.methods else None
     authenticator = Authenticator(
         api_key=api_key if "api_key" in settings.auth.methods else None,
         session=session,
@@ -206,7 +201,7 @@ def create_app(
         Middleware(RateLimitMiddleware, limiter=limiter),
     ]
 
-    parts.background += [keys.watch, poller.run]
+    parts.background += [keys.watch, poller.run, sessions.watch]
     parts.reloaders.append(keys.reload_if_changed)
 
     @contextlib.asynccontextmanager
@@ -353,7 +348,7 @@ class _OIDC:
         return login_redirect(request) if wants_html(request) else None
 
 
-def _oidc(settings: Settings, *, signer_secret: str) -> _OIDC:
+def _oidc(settings: Settings, *, signer_secret: str, sessions: SessionStore) -> _OIDC:
     from gateway.auth.oidc import OIDCVerifier
     from gateway.auth.oidc_login import oidc_routes
 
@@ -367,6 +362,7 @@ def _oidc(settings: Settings, *, signer_secret: str) -> _OIDC:
         secret_key=signer_secret,
         https_only=https_only,
         cookie_path=settings.server.root_path or "/",
+        sessions=sessions,
     )
     return _OIDC(client, verifier, login)
 

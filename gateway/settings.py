@@ -208,6 +208,8 @@ class OIDCSettings:
     jwks_max_age: float = field(default=3600.0, metadata=_check(_at_least(1)))
     session_lifetime: float = field(default=8 * 3600.0, metadata=_check(_at_least(60)))
     timeout: float = field(default=10.0, metadata=_check(_at_least(0.1)))
+    # A browser login's groups are asked again at most this long after the last answer (role changes, removals).
+    recheck_interval: float = field(default=300.0, metadata=_check(_at_least(10)))
 
 
 @dataclass(frozen=True)
