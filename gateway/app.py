@@ -34,8 +34,8 @@ from gateway.auth.keys import KeyStore
 from gateway.auth.middleware import Authenticator, AuthMiddleware, FailureGate
 from gateway.auth.sessions import SessionSigner, SessionStore, load_or_create_secret
 from gateway.budget import UpstreamBudget
-from gateway.edge import Connections, EdgeLimits, EdgeMiddleware
 from gateway.cache import ResponseCache
+from gateway.edge import Connections, EdgeLimits, EdgeMiddleware
 from gateway.errors import PROBLEM_TYPE, GatewayError, problem_body
 from gateway.health import UpstreamHealth
 from gateway.logbuffer import LineBuffer
@@ -45,8 +45,8 @@ from gateway.middleware.guard import GuardMiddleware
 from gateway.middleware.lan import LanListenerMiddleware
 from gateway.poller import Poller
 from gateway.proxy import Proxy, is_proxied
-from gateway.responses import send_problem
 from gateway.ratelimit import RateLimiter, RateLimitMiddleware
+from gateway.responses import send_problem
 from gateway.scopes import route_path
 from gateway.settings import Settings
 from gateway.shared import Shared
@@ -135,7 +135,8 @@ def create_app(
         cache=cache,
         upstream=upstream,
         local={
-            "Start": local.session_control(cache),
+            # Late-bound: the proxy is built from this table.
+            "Start": local.session_control(cache, lambda resource: proxy.lookup(resource)),
             "Stop": local.session_control(cache),
             "auth.login": local.login(sessions, settings.auth.session_lifetime, pvs_login),
             "auth.logout": local.login(sessions, settings.auth.session_lifetime, pvs_login),
@@ -166,6 +167,7 @@ def create_app(
         bearer_jwt=oidc.verifier.verify_bearer if oidc else None,
         browser_session=oidc.principal_from_scope if oidc else None,
         front_proxy=front_proxy_verifier(settings),
+        pvs_login=pvs_login,
     )
     if oidc is not None:
         route_list += oidc.login.routes

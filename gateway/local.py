@@ -16,9 +16,8 @@ import base64
 import binascii
 import hmac
 import ipaddress
-import json
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 
 from starlette.types import Receive, Scope, Send
 
@@ -26,9 +25,10 @@ from gateway.allowlist import AUTH_PATH, Resource
 from gateway.auth import Principal
 from gateway.auth.keys import KeyStore
 from gateway.auth.sessions import SessionStore
-from gateway.cache import ResponseCache
+from gateway.cache import Lookup, ResponseCache
 from gateway.errors import GatewayError
-from gateway.proxy import DEVICE_LIST_KEY, LocalHandler
+from gateway.poller import start_supervisor
+from gateway.proxy import LocalHandler
 from gateway.pvsbody import dumps
 from gateway.responses import send_bytes, send_problem
 from gateway.scopes import client_ip, route_path
@@ -36,31 +36,21 @@ from gateway.settings import UpstreamSettings
 
 log = logging.getLogger("gateway.auth")
 
-_SUPERVISOR_FIELDS = ("SERIAL", "MODEL", "SWVER", "HWVER", "BUILD")
 
 
-def session_control(cache: ResponseCache) -> LocalHandler:
+def session_control(cache: ResponseCache, lookup: Callable[[Resource], Awaitable[Lookup]] | None = None) -> LocalHandler:
+    """``Command=Start``/``Stop``, answered here: Start with the PVS's ``supervisor`` object, read
+    through the cache (``lookup``) even when the cache is cold."""
+
     async def handle(scope: Scope, receive: Receive, send: Send, resource: Resource) -> None:
         body: dict[str, object] = {"result": "succeed"}
         if resource.name == "Start":
-            supervisor = _supervisor_from_cache(cache)
+            supervisor = await start_supervisor(cache, lookup)
             if supervisor:
                 body["supervisor"] = supervisor
         await send_bytes(send, 200, dumps(body), [(b"cache-control", b"no-store")], head=scope["method"] == "HEAD")
 
     return handle
-
-
-def _supervisor_from_cache(cache: ResponseCache) -> dict[str, str]:
-    entry = cache.peek(DEVICE_LIST_KEY)
-    if entry is None or entry.status != 200:
-        return {}
-    try:
-        devices = json.loads(entry.body).get("devices", [])
-        pvs = next(d for d in devices if d.get("DEVICE_TYPE") == "PVS")
-    except (ValueError, AttributeError, StopIteration):
-        return {}
-    return {k: str(pvs[k]) for k in _SUPERVISOR_FIELDS if k in pvs}
 
 
 PVS_USER = "ssm_owner"

@@ -6,11 +6,6 @@ commit named, and checks what that client needs: the status it accepts and the J
 keys it reads. Then it checks what reached the simulator: what the client would have
 sent the PVS, minus ``Command=Start``/``Stop`` (the gateway answers those itself).
 The table in docs/clients.md names the test of each row.
-
-Clients that need features landing separately are marked xfail(strict=False) with
-the feature named: the plain-HTTP LAN listener (``server.http_port``, SPEC §2) and
-the PVS's own login from the LAN (``GET /auth?login`` with ``ssm_owner``, SPEC §2
-``auth.allow_anonymous_from``). The lead removes the marks once they are merged.
 """
 
 from __future__ import annotations
@@ -41,16 +36,6 @@ from tests.harness import Gateway, Simulator, start_simulator
 pytestmark = pytest.mark.filterwarnings("ignore::urllib3.exceptions.InsecureRequestWarning")
 
 SERIAL = "ZT000085000549A0001"  # the simulator's default serial; the LocalAPI password is its last 5
-NEEDS_HTTP_PORT = pytest.mark.xfail(strict=False, reason="needs the plain-HTTP LAN listener (server.http_port, SPEC §2)")
-NEEDS_PVS_LOGIN = pytest.mark.xfail(
-    strict=False, reason="needs GET /auth?login with the PVS's own credentials from allow_anonymous_from (SPEC §2)"
-)
-NEEDS_START_SUPERVISOR = pytest.mark.xfail(
-    strict=False, reason="needs gateway/local.py session_control to call gateway.poller.start_supervisor"
-)
-NEEDS_LOCKOUT = pytest.mark.xfail(
-    strict=False, reason="needs lock-outs that still admit a valid key from the locked address (issue 21 item 4)"
-)
 LAN = ["127.0.0.1/32"]  # the tests' "household LAN": the loopback address the clients connect from
 
 
@@ -135,7 +120,6 @@ def hass_sunpower(host: str) -> tuple[dict[str, Any], dict[str, Any]]:
     return setup, data
 
 
-@NEEDS_HTTP_PORT
 def test_hass_sunpower_through_the_lan_listener(fresh_simulator: Simulator, make_gateway: Callable[..., Gateway]) -> None:
     """hass-sunpower changes only its host: ``<gateway>:<server.http_port>`` (80 in production)."""
     port = free_port()
@@ -153,7 +137,6 @@ def test_hass_sunpower_through_the_lan_listener(fresh_simulator: Simulator, make
     ]
 
 
-@NEEDS_HTTP_PORT
 def test_plain_http_refuses_credentials_and_redirects_strangers(fresh_simulator: Simulator, make_gateway: Callable[..., Gateway]) -> None:
     """hass-sunpower's only credential form is ``user:pass@`` in its host, sent as Basic over plain
     HTTP: the LAN listener refuses it (403, never checked: the key is then known to the network)
@@ -209,7 +192,6 @@ def test_esphome_over_https_with_an_api_key(fresh_simulator: Simulator, make_gat
     assert upstream_log(fresh_simulator) == before  # served from the poller's copy
 
 
-@NEEDS_HTTP_PORT
 def test_esphome_over_the_lan_listener(fresh_simulator: Simulator, make_gateway: Callable[..., Gateway]) -> None:
     """The unchanged example: plain ``http://``, no header but its User-Agent."""
     port = free_port()
@@ -348,7 +330,6 @@ def test_sungazer_reads(fresh_simulator: Simulator, make_gateway: Callable[..., 
     ]
 
 
-@NEEDS_START_SUPERVISOR
 def test_sungazer_start_on_a_cold_cache(fresh_simulator: Simulator, make_gateway: Callable[..., Gateway]) -> None:
     """sungazer/models/session.py ``StartResponse``: ``supervisor`` is required (SERIAL, MODEL,
     SWVER, BUILD as an int...), so a Start without it fails validation; the gateway answers
@@ -403,7 +384,6 @@ def homebridge_poll(port: int, serial: str) -> tuple[dict[str, Any], dict[str, A
     return out[0], out[1]
 
 
-@NEEDS_PVS_LOGIN
 def test_homebridge_pvs6_on_port_443(localapi_sim: Simulator, make_gateway: Callable[..., Gateway]) -> None:
     """Its configuration holds only a host and the PVS serial: the gateway listens on 443 (in
     production; here too when this process may bind it) and accepts ``ssm_owner`` with the
@@ -432,7 +412,6 @@ def test_homebridge_pvs6_on_port_443(localapi_sim: Simulator, make_gateway: Call
     ]
 
 
-@NEEDS_LOCKOUT
 def test_wrong_password_retries_do_not_lock_out_a_good_client(localapi_sim: Simulator, make_gateway: Callable[..., Gateway]) -> None:
     """A homebridge configured with a wrong serial retries its login every 30 s for ever; the
     exporter on the same address, with its key, keeps working once the lock-out has begun."""
@@ -522,7 +501,6 @@ def test_direct_compose_file_serves_443_and_80() -> None:
     assert "privileged" not in service and "cap_add" not in service and "user" not in service  # the image's non-root user
 
 
-@NEEDS_HTTP_PORT
 def test_bridge_recipe_configuration_passes_check(tmp_path: Path) -> None:
     """The TOML of deploy/README.md's bridge recipe is a valid configuration."""
     readme = (DEPLOY / "README.md").read_text()

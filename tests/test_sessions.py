@@ -416,7 +416,6 @@ def test_the_pvs_password_is_refused_off_the_lan_and_counts_as_a_failure(localap
         assert c.get("/auth?login", headers=lan).status_code == 200
 
 
-@pytest.mark.xfail(strict=False, reason="needs the auth middleware to ask local.PVSLogin.allowed before counting a failure")
 def test_pvs_logins_from_the_lan_are_not_failures(localapi_simulator: Simulator, make_gateway) -> None:
     gw: Gateway = make_gateway(
         localapi_simulator.url,
@@ -454,7 +453,6 @@ def test_a_logout_at_one_gateway_ends_the_session_at_the_other(redis_url: str, s
         assert a.get(SUPERVISOR, headers=cookie).status_code == 401
 
 
-@pytest.mark.xfail(strict=False, reason="needs the auth middleware to pass the client address: session(token, client_ip(scope))")
 def test_a_pvs_login_session_is_refused_off_the_lan(localapi_simulator: Simulator, make_gateway) -> None:
     gw: Gateway = make_gateway(
         localapi_simulator.url,

@@ -22,7 +22,7 @@ import binascii
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, Protocol
 
 from starlette.responses import Response
 from starlette.types import ASGIApp, Receive, Scope, Send
@@ -42,9 +42,22 @@ SELF_CHECKED = frozenset({"/auth/verify", "/auth"})
 
 # A presented API key -> its principal, or None.
 KeyVerifier = Callable[[str], Principal | None]
-SessionVerifier = Callable[[str], Principal | None]
+# A session cookie's token and the client IP -> its principal, or None.
+SessionVerifier = Callable[[str, str], Principal | None]
+
+
+class PVSLoginCheck(Protocol):
+    """The PVS's own LocalAPI login from the LAN (``gateway.local.PVSLogin``)."""
+
+    def allowed(self, scope: Scope, user: str, password: str) -> bool: ...
+
+    def principal(self, scope: Scope) -> Principal: ...
 BearerVerifier = Callable[[str], Awaitable[Principal]]
 ScopeVerifier = Callable[[Scope], Principal | None]
+
+
+# Principal.method of a PVS-password login (gateway.local).
+PVS_LOGIN_METHOD = "pvs_login"
 
 
 class AuthFailed(GatewayError):
@@ -113,7 +126,9 @@ class Authenticator:
         bearer_jwt: BearerVerifier | None = None,
         browser_session: ScopeVerifier | None = None,
         front_proxy: ScopeVerifier | None = None,
+        pvs_login: PVSLoginCheck | None = None,
     ) -> None:
+        self._pvs_login = pvs_login
         self._api_key = api_key
         self._session = session
         self._bearer_jwt = bearer_jwt
@@ -147,12 +162,12 @@ class Authenticator:
         credential = authorization if authorization is not None else api_key
         if credential is not None:
             if authorization is not None:
-                return self._from_authorization(authorization.decode("latin-1"))
+                return self._from_authorization(authorization.decode("latin-1"), scope)
             return self._key(credential.decode("latin-1").strip())
         if cookie is not None and self._session is not None:
             token = _cookie_value(cookie, "session")
             if token:
-                principal = self._session(token)
+                principal = self._session(token, client_ip(scope))
                 if principal is None:
                     raise AuthFailed("the session has expired or was revoked: log in again")
                 return principal
@@ -164,7 +179,7 @@ class Authenticator:
             return self._front_proxy(scope)
         return None
 
-    def _from_authorization(self, value: str) -> Principal | DeferredJWT:
+    def _from_authorization(self, value: str, scope: Scope) -> Principal | DeferredJWT:
         scheme, _, credentials = value.strip().partition(" ")
         scheme = scheme.lower()
         credentials = credentials.strip()
@@ -177,9 +192,11 @@ class Authenticator:
                 decoded = base64.b64decode(credentials, validate=True).decode("utf-8")
             except (binascii.Error, UnicodeDecodeError):
                 raise AuthFailed("malformed Basic credentials") from None
-            _, sep, password = decoded.partition(":")
+            user, sep, password = decoded.partition(":")
             if not sep:
                 raise AuthFailed("malformed Basic credentials")
+            if self._pvs_login is not None and self._pvs_login.allowed(scope, user, password):
+                return self._pvs_login.principal(scope)
             return self._key(password)
         raise AuthFailed("unsupported Authorization scheme: use Bearer or Basic")
 
@@ -260,6 +277,12 @@ class AuthMiddleware:
                     exc.headers = list(self._challenge)
             await send_problem(send, exc, head=head)
             return
+        if principal is not None and principal.method == PVS_LOGIN_METHOD:
+            # The PVS's 5-character password is a weak secret: it stays locked out like a guess.
+            wait = await self.gate.retry_after(ip) if self.gate.may_be_blocked(ip) else 0.0
+            if wait > 0:
+                await send_problem(send, _blocked(wait), head=head)
+                return
         if principal is None and self.anonymous_from and in_networks(ip, self.anonymous_from):
             principal = _anonymous(ip)
         if principal is None:
