@@ -153,7 +153,7 @@ def create_app(
             "/stats",
             routes.stats(cache, upstream, parts.per_identity, time.monotonic(), observed.timings, connections),
         ),
-        Route("/auth/verify", routes.verify),
+        Route("/auth/verify", routes.verify(settings.auth.forward_auth_methods)),
         *observed.routes,
     ]
 

@@ -159,6 +159,7 @@ class Edge(asyncio.Protocol):
         self.opened = False  # inner.connection_made was called
         self.active = False  # a request is with the app
         self.head_bytes = 0  # bytes since the last request reached the app (or the start)
+        self.line_ended = False  # whether those bytes end a request line: 431 past the cap, else 414
         self.lingering = False
         self.early: bytearray | None = None  # decrypted bytes a loop delivered before start_tls returned
         self.timer: asyncio.TimerHandle | None = None
@@ -232,12 +233,15 @@ class Edge(asyncio.Protocol):
             if self.active:
                 log.warning("aborting a connection from %s: %d bytes sent ahead of an unanswered request", self.ip, self.head_bytes)
                 self._abort()
-            else:
+            elif self.line_ended:
                 self._refuse(431, f"request head larger than {limits.head_bytes} bytes")
+            else:
+                self._refuse(414, f"request line longer than {limits.head_bytes} bytes")
             return
         if not self.active and self.head_bytes == 0:
             self._arm(limits.keepalive_timeout, self._head_too_slow)  # a new head begins
         self.head_bytes += len(data)
+        self.line_ended = self.line_ended or b"\n" in data
         self.inner.data_received(data)  # type: ignore[attr-defined]
 
     def eof_received(self) -> bool | None:
@@ -270,6 +274,7 @@ class Edge(asyncio.Protocol):
     def request_started(self) -> None:
         self.active = True
         self.head_bytes = 0
+        self.line_ended = False
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None

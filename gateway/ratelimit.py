@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import limits
@@ -102,10 +101,7 @@ class RateLimiter:
         self,
         settings: RateLimitSettings,
         shared: Shared | None = None,
-        *,
-        clock: Callable[[], float] = time.time,
     ) -> None:
-        self._clock = clock  # the wall clock limits' reset times are stated in
         self._local = _Counters(MemoryStorage())
         self._shared = shared if shared is not None and shared.configured else None
         self._remote: _Counters | None = None
@@ -144,7 +140,7 @@ class RateLimiter:
     async def _hit(self, counters: _Counters, policy: Policy, key: str) -> Verdict:
         allowed = await counters.window.hit(policy.item, policy.name, key)
         stats = await counters.window.get_window_stats(policy.item, policy.name, key)
-        reset_in = max(1, min(2 * policy.window, math.ceil(stats.reset_time - self._clock())))
+        reset_in = max(1, min(2 * policy.window, math.ceil(stats.reset_time - time.time())))
         if allowed:
             return Verdict(True, policy, max(0, stats.remaining), reset_in)
         self.rejections[policy.name] = self.rejections.get(policy.name, 0) + 1
@@ -181,7 +177,7 @@ class RateLimiter:
             return 0.0
         stats = await counters.moving.get_window_stats(item, "auth_failures", ip)
         self.rejections["auth_failures"] = self.rejections.get("auth_failures", 0) + 1
-        return max(1.0, stats.reset_time - self._clock())
+        return max(1.0, stats.reset_time - time.time())
 
     async def check_ip(self, scope: Scope) -> Verdict | None:
         """The per-IP policy for requests without an identity."""

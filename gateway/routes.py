@@ -96,8 +96,35 @@ def stats(
     return endpoint
 
 
-async def verify(request: Request) -> Response:
-    """Traefik ForwardAuth: 200 with identity headers, else 401 (403/429 come from the middleware)."""
+def verify(methods: tuple[str, ...] = ()) -> Callable[[Request], Awaitable[Response]]:
+    """Traefik ForwardAuth: 200 with identity headers, else 401 (403/429 come from the middleware).
+
+    ForwardAuth checks who calls, not what they do to the service behind it: with
+    ``methods`` (``auth.forward_auth_methods``) a request whose ``X-Forwarded-Method``
+    is not among them gets 403, for services that must stay read-only.
+    """
+    allowed = frozenset(m.upper() for m in methods)
+
+    async def endpoint(request: Request) -> Response:
+        forwarded = request.headers.get("x-forwarded-method", "GET").upper()
+        if allowed and forwarded not in allowed:
+            return JSONResponse(
+                {
+                    "type": "about:blank",
+                    "title": "Forbidden",
+                    "status": 403,
+                    "detail": f"{forwarded[:16]} is not allowed through this gateway ({', '.join(sorted(allowed))} only)",
+                },
+                status_code=403,
+                media_type="application/problem+json",
+                headers=NO_STORE,
+            )
+        return await _verify(request)
+
+    return endpoint
+
+
+async def _verify(request: Request) -> Response:
     principal: Principal | None = request.scope.get("state", {}).get("principal")
     if principal is None:
         error = request.scope.get("state", {}).get("auth_error")

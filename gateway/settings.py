@@ -220,6 +220,9 @@ class AuthSettings:
     # Signs gateway session cookies; generated into cert_dir when empty.
     session_secret: Secret = field(default_factory=Secret)
     session_lifetime: float = field(default=24 * 3600.0, metadata=_check(_at_least(60)))
+    # Methods /auth/verify (Traefik ForwardAuth) admits for the service behind it, from
+    # X-Forwarded-Method; empty = any (it checks identity, not method).
+    forward_auth_methods: tuple[str, ...] = ()
     # Who may read /metrics: "admin" (default), "viewer" or "anonymous".
     metrics_role: str = field(default="admin", metadata=_check(_one_of("admin", "viewer", "anonymous")))
     oidc: OIDCSettings = field(default_factory=OIDCSettings)

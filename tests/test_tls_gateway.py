@@ -104,20 +104,21 @@ def test_restart_keeps_the_ca_and_certs_renew_swaps_the_leaf_live(simulator: Sim
         assert oct((gw.ca.parent / key).stat().st_mode & 0o777) == "0o600"
 
 
-def test_plain_http_listener_only_redirects(simulator: Simulator, make_gateway) -> None:
+def test_plain_http_listener_redirects_strangers_to_the_first_hostname(simulator: Simulator, make_gateway) -> None:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         redirect_port = s.getsockname()[1]
-    gw = make_gateway(simulator.url, {**TLS, "server": {**TLS["server"], "http_redirect_port": redirect_port}})
+    gw = make_gateway(simulator.url, {**TLS, "server": {**TLS["server"], "http_port": redirect_port}})
     https_port = gw.url.rsplit(":", 1)[1]
     deadline = time.monotonic() + 5
     while True:
         try:
-            r = httpx.get(f"http://localhost:{redirect_port}/cgi-bin/dl_cgi?Command=DeviceList")
+            r = httpx.get(f"http://localhost:{redirect_port}/cgi-bin/dl_cgi?Command=DeviceList", headers={"Host": "evil.test"})
             break
         except httpx.ConnectError:
             assert time.monotonic() < deadline
             time.sleep(0.1)
     assert r.status_code == 308
-    assert r.headers["location"] == f"https://localhost:{https_port}/cgi-bin/dl_cgi?Command=DeviceList"
+    # Never built from the request's Host: the first of server.hostnames.
+    assert r.headers["location"] == f"https://pvs.home.test:{https_port}/cgi-bin/dl_cgi?Command=DeviceList"
     assert r.content == b""
