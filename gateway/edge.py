@@ -54,6 +54,7 @@ import ssl
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from email.utils import formatdate
 from http import HTTPStatus
 from typing import Any, cast
 
@@ -84,6 +85,7 @@ def canned(status: int, detail: str) -> bytes:
     phrase = HTTPStatus(status).phrase
     head = (
         f"HTTP/1.1 {status} {phrase}\r\n"
+        f"date: {formatdate(usegmt=True)}\r\n"
         f"content-type: {PROBLEM_TYPE}\r\n"
         f"content-length: {len(body)}\r\n"
         "connection: close\r\n"

@@ -116,6 +116,7 @@ async def serve(
         # uvicorn's default would trust 127.0.0.1 and with it anything a local proxy passes on.
         proxy_headers=False,
         server_header=False,
+        date_header=False,  # GuardMiddleware dates each answer when it starts
         access_log=False,
         log_config=None,
         timeout_keep_alive=int(server_settings.keepalive_timeout),

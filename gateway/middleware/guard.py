@@ -6,6 +6,8 @@ and oversized or body-carrying requests are refused before any work is done.
 
 from __future__ import annotations
 
+from email.utils import formatdate
+
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from gateway.errors import RequestRejected
@@ -58,7 +60,9 @@ class GuardMiddleware:
         async def send_secured(message: Message) -> None:
             if message["type"] == "http.response.start":
                 state["gateway.status"] = message["status"]
-                headers = list(message.get("headers", ()))
+                # Dated when the answer starts, not when the request arrived (uvicorn's Date): a
+                # slow miss would otherwise look older than its own Last-Modified.
+                headers = [(b"date", formatdate(usegmt=True).encode()), *message.get("headers", ())]
                 for name, _ in headers:
                     if name in _SECURITY_NAMES:  # the answer set some itself: fill in only the others
                         names = {name for name, _ in headers}
