@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import socket
 import ssl
 import subprocess
@@ -13,7 +14,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.harness import Gateway, Simulator
+from tests.harness import BASE_CONFIG, Gateway, Simulator, _merge, _wait_for_line, toml_dumps
 
 TLS = {"server": {"tls": "self-signed", "hostnames": ["pvs.home.test", "192.0.2.44"]}}
 
@@ -121,3 +122,38 @@ def test_plain_http_listener_only_redirects(simulator: Simulator, make_gateway) 
     assert r.status_code == 308
     assert r.headers["location"] == f"https://localhost:{https_port}/cgi-bin/dl_cgi?Command=DeviceList"
     assert r.content == b""
+
+
+def test_gateways_started_together_on_one_empty_cert_dir_serve_one_ca(simulator: Simulator, tmp_path: Path) -> None:
+    """issue 22 item 5: the certificates in a shared cert_dir are made under a file lock."""
+    for attempt in range(5):
+        shared = tmp_path / f"round{attempt}" / "certs"
+        procs = []
+        for i in range(3):
+            workdir = tmp_path / f"round{attempt}" / f"gw{i}"
+            workdir.mkdir(parents=True)
+            config = _merge(BASE_CONFIG, {"upstream": {"url": simulator.url}, "server": {"tls": "self-signed", "cert_dir": str(shared)}})
+            (workdir / "pvs-gateway.toml").write_text(toml_dumps(config))
+            log = workdir / "gateway.log"
+            with log.open("wb") as out:
+                proc = subprocess.Popen(
+                    [sys.executable, "-m", "gateway", "serve", "--config", str(workdir / "pvs-gateway.toml")],
+                    cwd=workdir, stdout=out, stderr=subprocess.STDOUT,
+                )
+            procs.append((proc, log))
+        try:
+            ports = []
+            for proc, log in procs:
+                match = _wait_for_line(proc, log, re.compile(r"pvs-gateway listening on https://\S+:(\d+)"), "gateway")
+                ports.append(int(match.group(1)))
+            ca = shared / "ca.pem"
+            leaves = {_peer_fingerprint(port, str(ca), "localhost") for port in ports}  # each verifies against the one CA
+            assert len(leaves) == 1, (attempt, leaves)
+            logs = "".join(log.read_text() for _, log in procs)
+            assert logs.count("created local CA") == 1, logs
+            assert sorted(p.name for p in shared.glob("*.pem")) == ["ca.pem", "leaf.pem"]
+        finally:
+            for proc, _ in procs:
+                proc.terminate()
+            for proc, _ in procs:
+                proc.wait(timeout=15)
