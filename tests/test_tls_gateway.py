@@ -14,7 +14,14 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.harness import BASE_CONFIG, Gateway, Simulator, _merge, _wait_for_line, toml_dumps
+from tests.harness import (
+    BASE_CONFIG,
+    Gateway,
+    Simulator,
+    _merge,
+    _wait_for_line,
+    toml_dumps,
+)
 
 TLS = {"server": {"tls": "self-signed", "hostnames": ["pvs.home.test", "192.0.2.44"]}}
 
