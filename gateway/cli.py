@@ -180,10 +180,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def _os_error(exc: OSError, settings: Settings) -> str:
-    reason = exc.strerror or str(exc)
+    """One line for an OSError out of ``serve``: a file names itself; a socket error names the address."""
     if exc.filename:
-        return f"cannot use {exc.filename}: {reason}"
-    return f"cannot serve on {settings.server.host}:{settings.server.port}: {reason}"
+        return f"cannot use {exc.filename}: {exc.strerror or exc}"
+    if exc.errno is None:  # raised with a message of ours, which already says what
+        return str(exc)
+    return f"cannot serve on {settings.server.host}:{settings.server.port}: {exc.strerror or exc}"
 
 
 def cmd_check(args: argparse.Namespace) -> int:
