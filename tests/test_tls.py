@@ -196,6 +196,17 @@ def test_leaf_from_another_ca_is_replaced(cert_dir: Path, tmp_path: Path) -> Non
     assert tls.fingerprint(paths.ca_cert) == ca_fp
 
 
+@pytest.mark.parametrize("damaged", [tls.LEAF_CERT, tls.LEAF_KEY])
+def test_a_damaged_leaf_is_simply_reissued_under_the_same_ca(cert_dir: Path, damaged: str) -> None:
+    """Nobody trusts a leaf directly, so unlike the CA it is ours to remake."""
+    paths = tls.ensure_certificates(cert_dir, ())
+    ca_fp, leaf_fp = tls.fingerprint(paths.ca_cert), tls.fingerprint(paths.leaf_cert)
+    (cert_dir / damaged).write_bytes(b"\x00garbage")
+    tls.ensure_certificates(cert_dir, ())
+    assert tls.fingerprint(paths.ca_cert) == ca_fp and tls.fingerprint(paths.leaf_cert) != leaf_fp
+    load(paths.leaf_cert).verify_directly_issued_by(load(paths.ca_cert))
+
+
 def test_ca_whose_key_is_lost_is_never_silently_replaced(cert_dir: Path) -> None:
     paths = tls.ensure_certificates(cert_dir, ())
     before = paths.ca_cert.read_bytes()
