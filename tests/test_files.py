@@ -196,6 +196,24 @@ def test_a_ca_problem_is_one_line_naming_the_file_and_nothing_is_replaced(
     assert cert_files(cert_dir) == before  # no new CA, no new leaf, nothing rewritten
 
 
+def test_tls_files_that_cannot_be_read_are_one_line_naming_the_file(tmp_path: Path) -> None:
+    issued = tls.ensure_certificates(tmp_path / "issued", ())
+    key = tmp_path / "server.key"
+    key.write_bytes(issued.leaf_key.read_bytes())
+    missing = tmp_path / "server.pem"  # never written
+    config = write_config(tmp_path, {"server": {"tls": "files", "cert_file": str(missing), "key_file": str(key)}})
+    checked = cli("check", "--config", str(config), cwd=tmp_path)
+    assert checked.returncode == 2
+    assert listed(checked.stderr) == [f"server.cert_file: cannot read {missing}: No such file or directory"]
+    served = cli("serve", "--config", str(config), cwd=tmp_path)
+    assert served.returncode == 1 and "Traceback" not in served.stderr
+    assert served.stderr.strip().splitlines()[-1] == f"pvs-gateway serve: cannot read {missing}: No such file or directory"
+    missing.write_bytes(tls.ensure_certificates(tmp_path / "other", ()).leaf_cert.read_bytes())  # a cert whose key this is not
+    checked = cli("check", "--config", str(config), cwd=tmp_path)
+    (problem,) = listed(checked.stderr)
+    assert checked.returncode == 2 and problem.startswith(f"server.cert_file: cannot use {missing} with {key}: ")
+
+
 # ---------------------------------------------------------------- ports
 
 
