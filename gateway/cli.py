@@ -105,6 +105,11 @@ def _file_problems(settings: Settings) -> list[str]:
             tls.server_ssl_context(settings.path(server.cert_file), settings.path(server.key_file))
         except tls.TLSSetupError as exc:
             problems.append(f"server.cert_file: {exc}")
+    if settings.upstream.verify_tls == "ca" and settings.upstream.ca_file:
+        try:
+            pinning.ca_context(settings.path(settings.upstream.ca_file))
+        except GatewayError as exc:
+            problems.append(exc.detail)
     if settings.upstream.verify_tls == "pin" and settings.upstream.url.startswith("https://"):
         try:
             pinning.read_pin(cert_dir / pinning.PIN_FILE)
@@ -172,6 +177,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         pass
     except TLSSetupError as exc:
         print(f"pvs-gateway serve: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    except GatewayError as exc:  # e.g. upstream.ca_file cannot be loaded
+        print(f"pvs-gateway serve: {exc.detail}", file=sys.stderr)
         return EXIT_FAILURE
     except OSError as exc:  # gateway.server.serve binds its sockets first: a port in use lands here
         print(f"pvs-gateway serve: {_os_error(exc, settings)}", file=sys.stderr)

@@ -284,8 +284,9 @@ def ca_context(ca_file: str | Path) -> ssl.SSLContext:
     """Full verification (chain and host name) against the given CA file only."""
     try:
         ctx = ssl.create_default_context(cafile=str(ca_file))
-    except (OSError, ssl.SSLError) as exc:
-        raise UpstreamTLSError(f"cannot load upstream.ca_file {ca_file}: {exc}") from exc
+    except (OSError, ssl.SSLError) as exc:  # raised at start, never to a client
+        reason = exc.strerror or getattr(exc, "reason", None) or exc
+        raise UpstreamTLSError(f"upstream.ca_file: cannot load {ca_file}: {reason}") from None
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     return ctx
 

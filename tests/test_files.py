@@ -214,6 +214,20 @@ def test_tls_files_that_cannot_be_read_are_one_line_naming_the_file(tmp_path: Pa
     assert checked.returncode == 2 and problem.startswith(f"server.cert_file: cannot use {missing} with {key}: ")
 
 
+def test_an_upstream_ca_file_that_cannot_be_loaded_is_one_line(tmp_path: Path) -> None:
+    ca = tmp_path / "pvs-ca.pem"
+    config = write_config(tmp_path, {"upstream": {"url": "https://127.0.0.1:9", "verify_tls": "ca", "ca_file": str(ca)}})
+    checked = cli("check", "--config", str(config), cwd=tmp_path)
+    assert checked.returncode == 2
+    assert listed(checked.stderr) == [f"upstream.ca_file: cannot load {ca}: No such file or directory"]
+    served = cli("serve", "--config", str(config), cwd=tmp_path)
+    assert served.returncode == 1 and "Traceback" not in served.stderr, served.stderr
+    assert served.stderr.strip().splitlines()[-1] == f"pvs-gateway serve: upstream.ca_file: cannot load {ca}: No such file or directory"
+    ca.write_text("-----BEGIN CERTIFICATE-----\nbm90IGEgY2VydA==\n-----END CERTIFICATE-----\n")
+    (problem,) = listed(cli("check", "--config", str(config), cwd=tmp_path).stderr)
+    assert problem.startswith(f"upstream.ca_file: cannot load {ca}: ")
+
+
 # ---------------------------------------------------------------- ports
 
 
