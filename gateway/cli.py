@@ -162,10 +162,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
         for problem in problems:
             print(f"pvs-gateway serve: {problem}", file=sys.stderr)
         return EXIT_CONFIG
-    busy = _port_problem(settings.server.host, settings.server.port)
-    if busy:
-        print(f"pvs-gateway serve: {busy}", file=sys.stderr)
-        return EXIT_FAILURE
+    for port in _listen_ports(settings):
+        busy = _port_problem(settings.server.host, port)
+        if busy:
+            print(f"pvs-gateway serve: {busy}", file=sys.stderr)
+            return EXIT_FAILURE
     _setup_logging(settings.server.log_level)
     from gateway.server import run_async, serve
     from gateway.tls import TLSSetupError
@@ -185,6 +186,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
         print(f"pvs-gateway serve: {_os_error(exc, settings)}", file=sys.stderr)
         return EXIT_FAILURE
     return EXIT_OK
+
+
+def _listen_ports(settings: Settings) -> list[int]:
+    """The main port, then the plain-HTTP one if set (``http_port``; ``http_redirect_port`` before it)."""
+    server = settings.server
+    extra = getattr(server, "http_port", 0) or getattr(server, "http_redirect_port", 0)
+    return [port for port in (server.port, extra) if port]
 
 
 def _os_error(exc: OSError, settings: Settings) -> str:

@@ -9,6 +9,7 @@ docs/faults.md is the table of these cases; each row names its test here.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -28,6 +29,7 @@ import pytest
 
 from gateway import tls
 from gateway.auth import keys as keystore
+from gateway.settings import ServerSettings
 from tests.harness import BASE_CONFIG, Simulator, _merge, start_gateway, toml_dumps
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -234,6 +236,17 @@ def test_an_upstream_ca_file_that_cannot_be_loaded_is_one_line(tmp_path: Path) -
 def test_a_port_in_use_exits_1_in_one_line_before_certificates_are_made(tmp_path: Path, free_port: socket.socket) -> None:
     port = free_port.getsockname()[1]
     config = write_config(tmp_path, {"server": {"tls": "self-signed", "port": port}})
+    served = cli("serve", "--config", str(config), cwd=tmp_path)
+    assert served.returncode == 1
+    assert one_line(served.stderr) == f"pvs-gateway serve: cannot listen on 127.0.0.1:{port}: Address already in use"
+    assert not (tmp_path / "certs").exists()
+
+
+def test_a_plain_http_port_in_use_is_found_as_early(tmp_path: Path, free_port: socket.socket) -> None:
+    port = free_port.getsockname()[1]
+    # The plain-HTTP listener's setting (issue "simplify" renames http_redirect_port to http_port).
+    name = "http_port" if "http_port" in {f.name for f in dataclasses.fields(ServerSettings)} else "http_redirect_port"
+    config = write_config(tmp_path, {"server": {"tls": "self-signed", name: port}})
     served = cli("serve", "--config", str(config), cwd=tmp_path)
     assert served.returncode == 1
     assert one_line(served.stderr) == f"pvs-gateway serve: cannot listen on 127.0.0.1:{port}: Address already in use"
