@@ -133,15 +133,15 @@ def _port_problem(host: str, port: int) -> str | None:
     except socket.gaierror as exc:
         return f"cannot listen on {shown}: {exc.strerror}"
     for family, kind, proto, _, address in infos:
-        with socket.socket(family, kind, proto) as probe:
-            # As uvicorn does: a TIME_WAIT left by the previous run is no conflict.
-            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            if family == socket.AF_INET6:
-                probe.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-            try:
+        try:
+            with socket.socket(family, kind, proto) as probe:
+                # As uvicorn does: a TIME_WAIT left by the previous run is no conflict.
+                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                if family == socket.AF_INET6:
+                    probe.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
                 probe.bind(address)
-            except OSError as exc:
-                return f"cannot listen on {shown}: {exc.strerror or exc}"
+        except OSError as exc:
+            return f"cannot listen on {shown}: {exc.strerror or exc}"
     return None
 
 
