@@ -489,8 +489,15 @@ def _limited(script: str, max_file_bytes: int) -> subprocess.CompletedProcess[st
     return subprocess.run([sys.executable, "-c", prologue + script], capture_output=True, text=True, timeout=60, cwd=ROOT, check=False)
 
 
-def test_a_renewal_that_cannot_be_written_keeps_the_valid_leaf(cert_dir: Path) -> None:
+@pytest.mark.parametrize(
+    "limit, fails_on",
+    # 64 bytes: the new key's temp file fails. 400: the key (241 bytes) is written, the
+    # certificate (~700) is not; the old pair must still be whole, not a new key beside the old cert.
+    [(64, tls.LEAF_KEY), (400, tls.LEAF_CERT)],
+)
+def test_a_renewal_that_cannot_be_written_keeps_the_valid_leaf(cert_dir: Path, limit: int, fails_on: str) -> None:
     paths = tls.ensure_certificates(cert_dir, ())
+    assert len(paths.leaf_key.read_bytes()) < 400 < len(paths.leaf_cert.read_bytes())
     tls.renew_leaf(cert_dir, (), now=now() - dt.timedelta(days=80))  # 10 days left: renewal due
     before = {p.name: p.read_bytes() for p in cert_dir.iterdir()}
     script = (
@@ -499,12 +506,12 @@ def test_a_renewal_that_cannot_be_written_keeps_the_valid_leaf(cert_dir: Path) -
         "t = tls.ReloadingServerTLS(d + '/leaf.pem', d + '/leaf.key', cert_dir=d)\n"
         "print('serving', t.fingerprint, 'failures', tls.renewal_failures(d))\n"
     )
-    done = _limited(script, 64)
+    done = _limited(script, limit)
     assert done.returncode == 0, done.stderr
     assert f"serving {tls.fingerprint(paths.leaf_cert)} failures 1" in done.stdout
     warnings = [line for line in done.stderr.splitlines() if line.startswith("WARNING gateway.tls")]
     assert len(warnings) == 1, done.stderr
-    assert "could not renew the server certificate" in warnings[0] and str(cert_dir / tls.LEAF_KEY) in warnings[0]
+    assert "could not renew the server certificate" in warnings[0] and f"cannot write {cert_dir / fails_on}:" in warnings[0]
     assert "Traceback" not in done.stderr
     # Neither file of the pair was replaced, and no temp file is left behind.
     assert {p.name: p.read_bytes() for p in cert_dir.iterdir()} == before
