@@ -9,9 +9,10 @@ from typing import Any
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from gateway import __version__
+from gateway import __version__, edge
 from gateway.auth import Principal
 from gateway.cache import ResponseCache
+from gateway.edge import Connections
 from gateway.health import UpstreamHealth
 from gateway.upstream import UpstreamClient
 
@@ -59,8 +60,7 @@ def stats(
     per_identity: dict[str, dict[str, int]],
     started: float,
     timings: Callable[[], dict[str, dict[str, float]]] | None = None,
-    hot_answered: Callable[[], int | None] = lambda: None,
-    hot_repeats: Callable[[], int | None] = lambda: None,
+    connections: Connections | None = None,
 ) -> Callable[[Request], Any]:
     async def endpoint(request: Request) -> Response:
         s = cache.stats
@@ -89,10 +89,7 @@ def stats(
                 "timings": timings() if timings is not None else None,
             },
             "identities": per_identity,
-            # Cache hits answered by gateway.hotpath (None: hot_path off); the rest went through ASGI.
-            "hot_path_answered": hot_answered(),
-            # Requests whose bytes repeated their connection's previous request: not parsed again.
-            "hot_path_repeats": hot_repeats(),
+            "connections": edge.stats(connections) if connections is not None else None,
         }
         return JSONResponse(body, headers=NO_STORE)
 

@@ -109,8 +109,8 @@ class ServerSettings:
     hostnames: tuple[str, ...] = ()
     trusted_proxies: tuple[str, ...] = field(default=(), metadata=_check(_cidrs))
     root_path: str = ""
-    # Plain-HTTP listener that only redirects to HTTPS (0 = off).
-    http_redirect_port: int = field(default=0, metadata=_check(_port))
+    # Plain-HTTP LAN listener (0 = none): the PVS paths for allow_anonymous_from, else 308 to HTTPS.
+    http_port: int = field(default=0, metadata=_check(_port))
     hsts_max_age: int = field(default=31536000, metadata=_check(_at_least(0)))
     # Leaf certificates are renewed when fewer than this many days remain.
     cert_renew_days: int = field(default=30, metadata=_check(_at_least(1)))
@@ -121,13 +121,16 @@ class ServerSettings:
     max_query_params: int = field(default=16, metadata=_check(_at_least(1)))
     max_header_count: int = field(default=64, metadata=_check(_at_least(8)))
     max_header_bytes: int = field(default=16384, metadata=_check(_at_least(1024)))
-    # Seconds an idle keep-alive connection is held, and a slow client may take.
+    # Seconds an idle connection is held, a request head may take from its first byte, and a
+    # client may leave its answer unread.
     keepalive_timeout: float = field(default=15.0, metadata=_check(_at_least(1)))
+    # Open client connections at once: all together, and from one address (more are refused at once).
+    max_connections: int = field(default=1024, metadata=_check(_at_least(1)))
+    max_connections_per_ip: int = field(default=64, metadata=_check(_at_least(1)))
+    tls_handshake_timeout: float = field(default=10.0, metadata=_check(_at_least(0.5)))
     # Opt-in: a header set by a trusted front auth proxy (e.g. "Remote-User").
     proxy_user_header: str = ""
     proxy_groups_header: str = ""
-    # Fresh cache hits answered without an ASGI task (gateway.hotpath); same answers, less CPU.
-    hot_path: bool = True
 
 
 @dataclass(frozen=True)
@@ -227,8 +230,6 @@ class RateLimitSettings:
     auth_failures: str = field(default="10/10minutes", metadata=_check(_rate))
     # Per-role overrides, e.g. {admin = "600/minute"}.
     roles: Mapping[str, str] = field(default_factory=dict)
-    # "memory://" or a ``limits`` storage URI such as "redis://127.0.0.1:6379".
-    storage: str = "memory://"
 
 
 @dataclass(frozen=True)
@@ -562,10 +563,6 @@ def validate(s: Settings) -> list[str]:
         problems.append("cluster.redis_url: must be a redis://, rediss:// or unix:// URL")
     elif redis_url and importlib.util.find_spec("redis") is None:
         problems.append("cluster.redis_url: Redis needs the redis client: pip install 'pvs-gateway[redis]'")
-    if not s.ratelimit.storage.startswith(("memory://", "redis://", "rediss://", "async+redis://")):
-        problems.append("ratelimit.storage: must be memory:// or a redis:// URI")
-    elif "redis" in s.ratelimit.storage and importlib.util.find_spec("redis") is None:
-        problems.append("ratelimit.storage: Redis needs the redis client: pip install 'pvs-gateway[redis]'")
     secret = s.auth.session_secret.get()
     if secret and len(secret.encode()) < 16:
         problems.append("auth.session_secret: must be at least 16 bytes (or leave it empty to generate one)")
