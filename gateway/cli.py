@@ -121,9 +121,9 @@ def _file_problems(settings: Settings) -> list[str]:
 def _port_problem(host: str, port: int) -> str | None:
     """Why ``host:port`` cannot be listened on right now, else None.
 
-    Asked before anything is made (certificates, the demo's key), so a second
-    gateway started by mistake changes nothing. ``serve`` binds first anyway;
-    this only makes the common mistake fail early and in one line.
+    For ``demo``, which starts the simulator, makes its state and rotates its
+    key before ``serve`` binds: a second demo started by mistake changes nothing.
+    (``serve`` itself binds before anything else: ``gateway.server.bind``.)
     """
     if not port:
         return None
@@ -162,11 +162,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
         for problem in problems:
             print(f"pvs-gateway serve: {problem}", file=sys.stderr)
         return EXIT_CONFIG
-    for port in _listen_ports(settings):
-        busy = _port_problem(settings.server.host, port)
-        if busy:
-            print(f"pvs-gateway serve: {busy}", file=sys.stderr)
-            return EXIT_FAILURE
     _setup_logging(settings.server.log_level)
     from gateway.server import run_async, serve
     from gateway.tls import TLSSetupError
@@ -183,25 +178,17 @@ def cmd_serve(args: argparse.Namespace) -> int:
         print(f"pvs-gateway serve: {exc.detail}", file=sys.stderr)
         return EXIT_FAILURE
     except OSError as exc:  # gateway.server.serve binds its sockets first: a port in use lands here
-        print(f"pvs-gateway serve: {_os_error(exc, settings)}", file=sys.stderr)
+        print(f"pvs-gateway serve: {_os_error(exc)}", file=sys.stderr)
         return EXIT_FAILURE
     return EXIT_OK
 
 
-def _listen_ports(settings: Settings) -> list[int]:
-    """The main port, then the plain-HTTP one if set (``http_port``; ``http_redirect_port`` before it)."""
-    server = settings.server
-    extra = getattr(server, "http_port", 0) or getattr(server, "http_redirect_port", 0)
-    return [port for port in (server.port, extra) if port]
-
-
-def _os_error(exc: OSError, settings: Settings) -> str:
-    """One line for an OSError out of ``serve``: a file names itself; a socket error names the address."""
+def _os_error(exc: OSError) -> str:
+    """One line for an OSError out of ``serve``: a file names itself; the others (a port in use:
+    ``gateway.server.bind``'s "cannot listen on HOST:PORT: ...") already say what they are about."""
     if exc.filename:
         return f"cannot use {exc.filename}: {exc.strerror or exc}"
-    if exc.errno is None:  # raised with a message of ours, which already says what
-        return str(exc)
-    return f"cannot serve on {settings.server.host}:{settings.server.port}: {exc.strerror or exc}"
+    return exc.strerror or str(exc)
 
 
 def cmd_check(args: argparse.Namespace) -> int:
