@@ -380,3 +380,35 @@ def test_a_damaged_pin_file_gets_a_502_that_names_no_server_path(tmp_path: Path,
     finally:
         gw.stop()
     assert json.loads(pin.read_text()) == {"sha256": "not a fingerprint"}
+
+
+# ---------------------------------------------------------------- SIGHUP
+
+
+def _served_leaf(port: int, ca: Path) -> str:
+    ctx = ssl.create_default_context(cafile=str(ca))
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as raw, ctx.wrap_socket(raw, server_hostname="localhost") as conn:
+        der = conn.getpeercert(binary_form=True)
+    assert der is not None
+    return hashlib.sha256(der).hexdigest()
+
+
+def test_sighup_reloads_keys_and_certificates_and_keeps_serving(simulator: Simulator, make_gateway: Any) -> None:
+    gw = make_gateway(simulator.url, TLS_ON)
+    assert gw.ca is not None
+    port = int(gw.url.rsplit(":", 1)[1])
+    old_leaf = _served_leaf(port, gw.ca)
+    with gw.client("admin") as admin, gw.client("viewer") as viewer:
+        assert admin.get("/healthz").status_code == 200 and viewer.get("/api/v1/summary").status_code == 200
+        for args in (("keys", "revoke", "viewer"), ("certs", "renew")):
+            done = cli(*args, "--config", str(gw.config_path), cwd=gw.workdir)
+            assert done.returncode == 0, done.stderr
+        gw.proc.send_signal(signal.SIGHUP)
+        gw.wait_for_log("SIGHUP: reloading")
+        deadline = time.monotonic() + 3  # well inside the watchers' own 2 s / 5 s periods plus slack
+        while _served_leaf(port, gw.ca) == old_leaf or viewer.get("/api/v1/summary").status_code != 401:
+            assert time.monotonic() < deadline, gw.logs()[-2000:]
+            time.sleep(0.1)
+        assert admin.get("/healthz").status_code == 200  # the open connection was not dropped
+    assert gw.proc.poll() is None  # SIGHUP never stops the process
+    assert "Traceback" not in gw.logs()
