@@ -110,7 +110,8 @@ def create_app(
         max_queue=up.max_queue,
         queue_timeout=up.queue_timeout,
     )
-    timed = metrics.TimedTransport(transport or upstream_transport(settings))  # counts what reaches the PVS
+    pvs_transport = transport or upstream_transport(settings)
+    timed = metrics.TimedTransport(pvs_transport)  # counts what reaches the PVS
     upstream = UpstreamClient(up, transport=timed, budget=budget, health=health)
     cache = ResponseCache(settings.cache, is_failing=lambda: health.failing)
     keys = KeyStore(settings.path(settings.auth.keys_file))
@@ -205,6 +206,8 @@ def create_app(
 
     parts.background += [keys.watch, poller.run, sessions.watch]
     parts.reloaders.append(keys.reload_if_changed)
+    if hasattr(pvs_transport, "reload_pin"):  # gateway.pinning.PinningTransport: SIGHUP re-reads the PVS pin
+        parts.reloaders.append(pvs_transport.reload_pin)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:

@@ -99,7 +99,7 @@ async def serve(
             raise
         tls_ports[port] = tls.context
         parts.background.append(tls.watch)
-        parts.reloaders.append(tls.force_renew_check)
+        parts.reloaders.append(tls.reload)
     elif not _is_loopback(server_settings.host) and not server_settings.trusted_proxies:
         log.warning(
             "serving plain HTTP on %s without trusted_proxies: tls = \"off\" is meant only behind a "
