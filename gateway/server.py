@@ -14,7 +14,7 @@ from typing import Any, TextIO
 
 import uvicorn
 
-from gateway.app import components, create_app
+from gateway.app import Drain, components, create_app
 from gateway.edge import protocol_factory
 from gateway.settings import Settings
 
@@ -165,10 +165,10 @@ async def _reload(reloaders: list[Callable[[], object]]) -> None:
             log.error("reload step %s failed: %s", getattr(reload, "__qualname__", reload), exc)
 
 
-async def _drain_on_exit(server: uvicorn.Server, drain: asyncio.Event) -> None:
+async def _drain_on_exit(server: uvicorn.Server, drain: Drain) -> None:
     """Once uvicorn is told to exit, give requests in flight most of the grace period, then
     have the app answer what still waits 503 (uvicorn would cancel them into 500s)."""
     while not server.should_exit:
         await asyncio.sleep(0.1)
     await asyncio.sleep(GRACEFUL_SHUTDOWN - 1.5)
-    drain.set()
+    drain.start()
