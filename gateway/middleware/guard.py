@@ -112,5 +112,6 @@ class GuardMiddleware:
         if size > self.max_header_bytes:
             return RequestRejected(f"header fields larger than {self.max_header_bytes} bytes", status=431)
         if body:
-            return RequestRejected("GET and HEAD requests must not carry a body", status=400)
+            # And the connection ends with it: what follows a body nobody reads is not worth framing.
+            return RequestRejected("GET and HEAD requests must not carry a body", status=400, headers=[("Connection", "close")])
         return None
