@@ -190,7 +190,7 @@ def create_app(
         Middleware(RateLimitMiddleware, limiter=limiter),
     ]
 
-    parts.background += [keys.watch, poller.run]
+    parts.background += [keys.watch, poller.run, *observed.background]
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:

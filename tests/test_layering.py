@@ -18,9 +18,11 @@ LAYERS: list[set[str]] = [
         "gateway.responses", "gateway.auth.keys", "gateway.auth.sessions", "gateway.httpproto", "gateway.logbuffer",
     },
     {"gateway.pvsbody", "gateway.upstream", "gateway.ratelimit", "gateway.auth.oidc"},
+    {"gateway.telemetry", "gateway.history"},
     {"gateway.cache"},
     {"gateway.proxy", "gateway.auth.oidc_login", "gateway.auth.middleware", "gateway.auth.frontproxy"},
     {
+        "gateway.live",
         "gateway.local", "gateway.poller", "gateway.routes", "gateway.normalize", "gateway.metrics", "gateway.dashboard",
         "gateway.hotpath",
     },
