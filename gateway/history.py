@@ -122,7 +122,7 @@ class History:
             return False
         now = self._clock()
         self._last_write = now
-        at = round(now, 3)
+        at = float(int(now))  # whole seconds, as answered: ISO bounds then match samples exactly
         row: dict[str, float | None] = {"time": at, **{name: _number(values.get(name)) for name in FIELDS}}
         if self._shared is not None and await self._shared.run(self._claim) is False:
             return False  # another gateway recorded this interval (its sample is in Redis)
