@@ -124,7 +124,7 @@ class History:
         self._last_write = now
         at = float(int(now))  # whole seconds, as answered: ISO bounds then match samples exactly
         row: dict[str, float | None] = {"time": at, **{name: _number(values.get(name)) for name in FIELDS}}
-        if self._shared is not None and await self._shared.run(self._claim) is False:
+        if self._shared is not None and await self._shared.run(lambda redis: self._claim(redis, now)) is False:
             return False  # another gateway recorded this interval (its sample is in Redis)
         self._insert(row)
         if self._shared is not None:
@@ -132,8 +132,10 @@ class History:
             await self._shared.run(lambda redis: self._add_shared(redis, at, text))
         return True
 
-    async def _claim(self, redis: Redis) -> bool:
-        return bool(await redis.set(CLAIM_KEY, "1", nx=True, px=max(1, int(self.interval * 1000 * 0.9))))
+    async def _claim(self, redis: Redis, now: float) -> bool:
+        """The first gateway to claim this interval's slot records it."""
+        slot = int(now // self.interval)
+        return bool(await redis.set(f"{CLAIM_KEY}:{slot}", "1", nx=True, ex=max(1, int(self.interval * 2))))
 
     async def _add_shared(self, redis: Redis, at: float, text: str) -> None:
         async with redis.pipeline(transaction=False) as pipe:
