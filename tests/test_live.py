@@ -448,3 +448,77 @@ def test_streams_end_so_a_revoked_key_stops_streaming(make_simulator, make_gatew
     lasted, status = asyncio.run(main())
     assert 1.5 < lasted < 6, lasted
     assert status == 401
+
+
+# ---------------------------------------------------------------- the upstream socket against a hostile device
+
+
+def test_upstream_socket_survives_garbage_and_reconnects() -> None:
+    from websockets.asyncio.server import serve
+
+    from gateway.telemetry import TelemetrySocket
+
+    async def main() -> tuple[TelemetrySocket, list[dict[str, Any]], int]:
+        opened = 0
+
+        async def device(ws: Any) -> None:
+            nonlocal opened
+            opened += 1
+            for message in (b"\xff\xfe not utf-8", "not json", '["a list"]', '{"notification":"other"}',
+                            '{"notification":"power","params":"x"}', '{"notification":"power","params":{"pv_p":"1.5"}}'):
+                await ws.send(message)
+            await ws.close(1000, "rotation")
+
+        got: list[dict[str, Any]] = []
+        async with serve(device, "127.0.0.1", 0) as server:
+            port = next(iter(server.sockets)).getsockname()[1]
+            sock = TelemetrySocket(f"ws://127.0.0.1:{port}/", on_frame=got.append, backoff_initial=0.1, backoff_max=0.2)
+            task = asyncio.create_task(sock.run())
+            async with asyncio.timeout(10):
+                while opened < 3:
+                    await asyncio.sleep(0.05)
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+        return sock, got, opened
+
+    sock, got, opened = asyncio.run(main())
+    assert opened >= 3 and got[0] == {"pv_p": "1.5"} and len(got) >= 3  # only the power frames, one per socket
+    assert sock.rejected_frames >= 5 * 3
+    assert sock.reconnects >= 2 and sock.connects == sock.reconnects + 1
+
+
+def test_upstream_socket_backs_off_while_nothing_listens() -> None:
+    from gateway.telemetry import TelemetrySocket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # closed again: connections are refused
+
+    async def main() -> TelemetrySocket:
+        sock = TelemetrySocket(f"ws://127.0.0.1:{port}/", on_frame=lambda p: None, backoff_initial=0.05, backoff_max=0.4)
+        task = asyncio.create_task(sock.run())
+        await asyncio.sleep(1.5)
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        return sock
+
+    sock = asyncio.run(main())
+    # Back-off doubling 0.05 -> 0.4: about 0.05+0.1+0.2+0.4+0.4+0.4 in 1.5 s, not hundreds of attempts.
+    assert sock.connects == 0 and sock.state in ("waiting", "connecting")
+
+
+def test_event_fields_from_frames_and_polled_sites() -> None:
+    from gateway.live import from_frame, from_site
+    from gateway.normalize import PVS, Site, Totals
+
+    frame = from_frame({"time": 1753730396, "pv_p": "6.559001", "net_p": -4.3857, "site_load_p": "nan", "ess_p": "-1.25", "soc": "0.82"}, 0)
+    assert frame["time"] == "2025-07-28T19:19:56Z"
+    assert frame["production_kw"] == 6.559 and frame["net_kw"] == -4.3857
+    assert frame["consumption_kw"] == round(6.559 - 4.3857, 4)  # load = production + grid when not sent
+    assert frame["battery_kw"] == -1.25 and frame["soc_percent"] == 82.0
+    assert from_frame({"soc": 55}, 0)["soc_percent"] == 55.0  # already a percentage
+    assert from_frame({}, 1_780_000_000)["time"] == "2026-05-28T20:26:40Z" and from_frame({}, 0)["production_kw"] is None
+    site = Site("legacy", Totals(production_kw=2.0, consumption_kw=3.0, net_kw=1.0, lifetime_import_kwh=5.0), 1_780_000_000.0, PVS())
+    polled = from_site(site, 0)
+    assert polled["source"] == "polled" and polled["net_kw"] == 1.0 and polled["lifetime_import_kwh"] == 5.0
+    assert set(polled) >= FIELDS
