@@ -354,9 +354,10 @@ class Feed:
             if found is not None and found[1] != self._seen:
                 self._seen = found[1]
                 self.polled(*found)
-            firmware_unknown = self._upstream.firmware is None and self.socket is not None
-            if (len(self._hub) and not self.streaming()) or firmware_unknown:
-                self._refresh()  # at most once per TTL, inside the budget
+            if len(self._hub) and not self.streaming():
+                # Someone listens and no frames come. At most once per TTL, inside the budget; while
+                # the firmware is unknown this is the cheap read that tells it (and so starts the socket).
+                self._refresh()
             await asyncio.sleep(WATCH_INTERVAL)
 
     async def _record(self) -> None:

@@ -260,7 +260,7 @@ class LiveSettings:
     # A listener whose connection takes no data for this long is disconnected.
     write_timeout: float = field(default=30.0, metadata=_check(_at_least(0.1)))
     # Seconds between comment lines on a quiet stream (SPEC: at most 30).
-    heartbeat: float = field(default=15.0, metadata=_check(_at_least(0.1)))
+    heartbeat: float = field(default=10.0, metadata=_check(_at_least(0.1)))
     # A stream ends after this long (the browser reconnects), so revoked credentials stop streaming.
     max_duration: float = field(default=600.0, metadata=_check(_at_least(1)))
 
