@@ -2,7 +2,10 @@
 
 Sources, one at a time:
 - LocalAPI firmware: the PVS's telemetry WebSocket, one upstream socket
-  whatever the number of listeners (``gateway.telemetry``);
+  whatever the number of listeners (``gateway.telemetry``). With
+  ``cluster.redis_url``, one for all the gateways on that Redis: the holder of
+  a lease opens it and publishes each event on a Redis channel the others
+  relay (``Feed._share_socket``);
 - otherwise (legacy firmware, no socket, or telemetry off on the PVS): each
   new answer of the polled site resource in the cache (DeviceList, or
   ``/vars?match=/sys/``). The seam is the cache itself: the feed looks at the
@@ -28,8 +31,10 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import json
 import logging
+import secrets
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
@@ -46,7 +51,7 @@ from gateway.history import History, HistoryError, parse_bounds
 from gateway.normalize import Site, iso, kw, num
 from gateway.settings import LiveSettings, Settings
 from gateway.shared import Shared
-from gateway.telemetry import TelemetrySocket, socket_url
+from gateway.telemetry import IDLE_TIMEOUT, TelemetrySocket, socket_url
 
 log = logging.getLogger("gateway.live")
 
@@ -55,6 +60,10 @@ ENABLE_VAR = "/sys/telemetryws/enable"
 READ_ENABLE = f"/vars?name={ENABLE_VAR}&fmt=obj"
 WRITE_ENABLE = f"/vars?set={ENABLE_VAR}=1&fmt=obj"
 RETRY_MS = 5000  # EventSource reconnect delay
+# cluster.redis_url: the gateway holding this lease holds the one telemetry socket and publishes on CHANNEL.
+LEASE_KEY = "pvsgw:telemetry:holder"
+CHANNEL = "pvsgw:live"
+LEASE_SECONDS = 15.0
 EVENT_FIELDS = (
     "production_kw",
     "consumption_kw",
@@ -316,16 +325,31 @@ class Feed:
             else None
         )
         self._seen: float | None = None  # fetched_at of the last polled entry handled
+        self._telemetry_at = float("-inf")  # monotonic, the last telemetry event (own or relayed)
+        self._id = secrets.token_hex(8)  # this gateway, in the cluster's lease
+        self.holder: bool | None = None  # holds the cluster's one socket; None: on its own (no Redis)
+        self._pending: set[asyncio.Task[Any]] = set()
         self.values: dict[str, Any] = {}  # the newest value of each field, whichever source
         self._new_data = asyncio.Event()
 
     def streaming(self) -> bool:
-        """Telemetry frames are arriving (then polled refreshes are not published)."""
-        s = self.socket
-        return s is not None and s.open and s.last_frame_at is not None
+        """Telemetry is arriving, here or relayed (then polled refreshes are not published)."""
+        return time.monotonic() - self._telemetry_at < IDLE_TIMEOUT
 
     def frame(self, params: dict[str, Any]) -> None:
         event = from_frame(params, time.time())
+        self._telemetry_at = time.monotonic()
+        self._hub.publish(event)
+        self._remember(event)
+        if self.holder and self._shared is not None:
+            message = json.dumps({"from": self._id, "event": event}, separators=(",", ":"))
+            task = asyncio.get_running_loop().create_task(self._shared.run(lambda r: r.publish(CHANNEL, message)))
+            self._pending.add(task)
+            task.add_done_callback(self._pending.discard)
+
+    def relayed(self, event: dict[str, Any]) -> None:
+        """An event another gateway's socket received (cluster.redis_url)."""
+        self._telemetry_at = time.monotonic()
         self._hub.publish(event)
         self._remember(event)
 
@@ -377,7 +401,77 @@ class Feed:
             return
         if self._settings.upstream.enable_telemetry:
             await self._enable_telemetry()
-        await self.socket.run()
+        if self._shared is None:
+            await self.socket.run()
+        else:
+            await self._share_socket(self.socket)
+
+    async def _share_socket(self, socket: TelemetrySocket) -> None:
+        """With Redis: one socket for the whole cluster, held by the gateway that holds the lease.
+
+        The holder publishes each event on a Redis channel; the others relay it to
+        their listeners. A holder that stops renewing (stopped, crashed, cut off)
+        loses the lease within ``LEASE_SECONDS`` and another takes over. While
+        Redis is unreachable every gateway holds its own socket, as alone.
+        """
+        own: asyncio.Task[None] | None = None
+        relay: asyncio.Task[None] | None = None
+        try:
+            while True:
+                held = await self._shared.run(self._hold) if self._shared is not None else None
+                if held is not self.holder:
+                    log.info("live: %s", _ROLES[held])
+                self.holder = held
+                if held is not False and own is None:
+                    own = asyncio.get_running_loop().create_task(socket.run(), name="telemetry-socket")
+                elif held is False and own is not None:
+                    await _stop(own)
+                    own, socket.state = None, "idle"
+                if held is False and (relay is None or relay.done()):
+                    relay = asyncio.get_running_loop().create_task(self._relay(), name="telemetry-relay")
+                elif held is not False and relay is not None:
+                    await _stop(relay)
+                    relay = None
+                await asyncio.sleep(LEASE_SECONDS / 3)
+        finally:
+            for task in (own, relay):
+                if task is not None:
+                    await _stop(task)
+
+    async def _hold(self, redis: Any) -> bool:
+        ms = int(LEASE_SECONDS * 1000)
+        if await redis.set(LEASE_KEY, self._id, nx=True, px=ms):
+            return True
+        if await redis.get(LEASE_KEY) == self._id.encode():
+            await redis.pexpire(LEASE_KEY, ms)
+            return True
+        return False
+
+    async def _relay(self) -> None:
+        # Only with cluster.redis_url, which `check` refuses without the redis client installed.
+        from redis.exceptions import RedisError
+
+        assert self._shared is not None
+        redis = self._shared.client()
+        if redis is None:
+            return
+        pubsub = redis.pubsub()
+        try:
+            await pubsub.subscribe(CHANNEL)
+            async for message in pubsub.listen():
+                if message.get("type") != "message":
+                    continue
+                try:
+                    body = json.loads(message["data"])
+                except (ValueError, TypeError):
+                    continue
+                if isinstance(body, dict) and body.get("from") != self._id and isinstance(body.get("event"), dict):
+                    self.relayed(body["event"])
+        except (RedisError, OSError, TimeoutError) as exc:  # the lease loop starts a new relay (or its own socket)
+            log.warning("live: relay of the cluster's telemetry stopped (%s)", type(exc).__name__)
+        finally:
+            with contextlib.suppress(RedisError, OSError):
+                await pubsub.aclose()
 
     async def _enable_telemetry(self) -> None:
         """At start, once: turn the PVS's telemetry on if it is off (the gateway's only write)."""
@@ -401,6 +495,18 @@ class Feed:
                 log.warning("telemetry: cannot check the PVS's telemetry setting yet (%s); retrying", _detail(exc))
             await asyncio.sleep(delay)
             delay = min(delay * 2, 300.0)
+
+
+_ROLES = {
+    True: "this gateway holds the cluster's telemetry socket",
+    False: "relaying the telemetry socket another gateway holds",
+    None: "Redis unreachable: this gateway holds its own telemetry socket",
+}
+
+
+async def _stop(task: asyncio.Task[Any]) -> None:
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
 
 
 def _detail(exc: Exception) -> str:

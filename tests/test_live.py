@@ -522,3 +522,43 @@ def test_event_fields_from_frames_and_polled_sites() -> None:
     polled = from_site(site, 0)
     assert polled["source"] == "polled" and polled["net_kw"] == 1.0 and polled["lifetime_import_kwh"] == 5.0
     assert set(polled) >= FIELDS
+
+
+# ---------------------------------------------------------------- a cluster on one Redis: one socket
+
+
+def test_gateways_sharing_redis_hold_one_socket_and_hand_it_over(make_simulator, make_gateway, redis_url) -> None:
+    sim = make_simulator("--firmware", "localapi", "--latency-scale", "0.03", "--clock", "12:00")  # socket kept 18 s
+    cluster = {"cluster": {"redis_url": redis_url}}
+    a = make_gateway(sim.url, {**_config(sim), **cluster})
+    b = make_gateway(sim.url, {**_config(sim), **cluster})
+
+    async def listen(gw: Gateway, seconds: float) -> list[dict[str, Any]]:
+        got: list[tuple[float, dict[str, Any]]] = []
+        async with gw.async_client("viewer") as c:
+            await _collect(c, seconds, got)
+        return [e for _, e in got]
+
+    async def both(seconds: float) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+        return await asyncio.gather(listen(a, seconds), listen(b, seconds))  # type: ignore[return-value]
+
+    from_a, from_b = asyncio.run(both(6.0))
+    telemetry = ({e["production_kw"] for e in from_a if e["source"] == "telemetry"},
+                 {e["production_kw"] for e in from_b if e["source"] == "telemetry"})
+    assert len(telemetry[0]) >= 3 and len(telemetry[1]) >= 3
+    assert len(telemetry[0] & telemetry[1]) >= 3  # the same frames on both gateways
+    stats = sim.stats()
+    assert stats["ws_connections"] == 1 and stats["ws_clients"] == 1, stats  # one socket for the cluster
+    holder, other = (a, b) if "holds the cluster's telemetry socket" in a.logs() else (b, a)
+    assert "relaying the telemetry socket" in other.logs()
+    holder.stop()  # its lease runs out; the other takes the socket over
+    _wait(lambda: sim.stats()["ws_connections"] == 2 and sim.stats()["ws_clients"] == 1, 40, "the other gateway took over")
+    events = asyncio.run(listen(other, 4.0))
+    assert sum(1 for e in events if e["source"] == "telemetry") >= 3
+
+
+@pytest.fixture
+def redis_url(tmp_path) -> Any:
+    from tests.test_history import redis_url as start_redis
+
+    yield from start_redis.__wrapped__(tmp_path)  # type: ignore[attr-defined]
