@@ -474,7 +474,15 @@ class Feed:
                 await pubsub.aclose()
 
     async def _enable_telemetry(self) -> None:
-        """At start, once: turn the PVS's telemetry on if it is off (the gateway's only write)."""
+        """At start, once: turn the PVS's telemetry on if it is off (the gateway's only write).
+
+        Gateways starting together on one Redis: only the one that claims it checks and writes.
+        """
+        if self._shared is not None:
+            claim = f"{LEASE_KEY}:enable"
+            if await self._shared.run(lambda r: r.set(claim, self._id, nx=True, ex=600)) is False:
+                log.info("telemetry: another gateway of the cluster checks the PVS's telemetry setting")
+                return
         delay = 5.0
         while True:
             try:

@@ -119,6 +119,9 @@ def test_live_stream_format_headers_and_heartbeat(make_simulator, make_gateway) 
                         powers.append(payload)
                     if comments >= 4 and powers:
                         break
+            head = await c.head("/api/v1/live")
+            assert head.status_code == 200 and head.headers["content-type"].startswith("text/event-stream")
+            assert head.content == b""
             # Without frames, the polled site (/vars) is what the listener gets.
             assert set(powers[0]) >= FIELDS and powers[0]["source"] == "polled"
             assert powers[0]["production_kw"] is not None
@@ -551,6 +554,7 @@ def test_gateways_sharing_redis_hold_one_socket_and_hand_it_over(make_simulator,
     assert stats["ws_connections"] == 1 and stats["ws_clients"] == 1, stats  # one socket for the cluster
     holder, other = (a, b) if "holds the cluster's telemetry socket" in a.logs() else (b, a)
     assert "relaying the telemetry socket" in other.logs()
+    assert stats["writes"] == 1  # telemetry turned on once for the cluster, by one gateway
     holder.stop()  # its lease runs out; the other takes the socket over
     _wait(lambda: sim.stats()["ws_connections"] == 2 and sim.stats()["ws_clients"] == 1, 40, "the other gateway took over")
     events = asyncio.run(listen(other, 4.0))
