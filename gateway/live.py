@@ -437,6 +437,12 @@ class Feed:
             for task in (own, relay):
                 if task is not None:
                     await _stop(task)
+            if self.holder and self._shared is not None:
+                await self._shared.run(self._release)  # a clean stop hands the socket over at once
+
+    async def _release(self, redis: Any) -> None:
+        if await redis.get(LEASE_KEY) == self._id.encode():
+            await redis.delete(LEASE_KEY)
 
     async def _hold(self, redis: Any) -> bool:
         ms = int(LEASE_SECONDS * 1000)
