@@ -145,6 +145,7 @@ def create_app(
     )
     poller = Poller(settings, proxy=proxy, cache=cache, upstream=upstream)
     observed = dashboard.build(settings, cache=cache, upstream=upstream, proxy=proxy, limiter=limiter, transport=timed)
+    parts.background += observed.background  # live data and history (gateway.live)
 
     # The proxied PVS paths are dispatched before the router (see ProxyDispatch).
     route_list = [

@@ -158,6 +158,10 @@ class UpstreamSettings:
     keepalive_interval: float = field(default=0.0, metadata=_check(_at_least(0)))
     # LocalAPI: re-login after this many seconds even if the session still works.
     session_max_age: float = field(default=600.0, metadata=_check(_at_least(10)))
+    # LocalAPI: the PVS's telemetry WebSocket (plain ws://, host from url), 0 = none (gateway.telemetry).
+    ws_port: int = field(default=9002, metadata=_check(_port))
+    # Turn the PVS's telemetry on at start if it is off: the only write the gateway ever makes.
+    enable_telemetry: bool = False
 
 
 DEFAULT_TTLS: Mapping[str, float] = types.MappingProxyType(
@@ -244,6 +248,30 @@ class ClusterSettings:
 
 
 @dataclass(frozen=True)
+class HistorySettings:
+    # Recorded site data (SQLite, WAL); "" = none. Shared through Redis when cluster.redis_url is set.
+    path: str = "history.sqlite3"
+    # At most one sample per interval (the newest data then), none while there is no new data.
+    interval: float = field(default=60.0, metadata=_check(_at_least(1)))
+    retention_days: float = field(default=400.0, metadata=_check(_at_least(1)))
+
+
+@dataclass(frozen=True)
+class LiveSettings:
+    # /api/v1/live listeners at once: all together, and per identity (more get 429).
+    max_listeners: int = field(default=200, metadata=_check(_at_least(1)))
+    max_listeners_per_identity: int = field(default=4, metadata=_check(_at_least(1)))
+    # Events held for a listener that is behind; one more and it is disconnected.
+    queue_size: int = field(default=16, metadata=_check(_at_least(1)))
+    # A listener whose connection takes no data for this long is disconnected.
+    write_timeout: float = field(default=30.0, metadata=_check(_at_least(0.1)))
+    # Seconds between comment lines on a quiet stream (SPEC: at most 30).
+    heartbeat: float = field(default=10.0, metadata=_check(_at_least(0.1)))
+    # A stream ends after this long (the browser reconnects), so revoked credentials stop streaming.
+    max_duration: float = field(default=600.0, metadata=_check(_at_least(1)))
+
+
+@dataclass(frozen=True)
 class Settings:
     server: ServerSettings = field(default_factory=ServerSettings)
     upstream: UpstreamSettings = field(default_factory=UpstreamSettings)
@@ -251,6 +279,8 @@ class Settings:
     auth: AuthSettings = field(default_factory=AuthSettings)
     ratelimit: RateLimitSettings = field(default_factory=RateLimitSettings)
     cluster: ClusterSettings = field(default_factory=ClusterSettings)
+    history: HistorySettings = field(default_factory=HistorySettings)
+    live: LiveSettings = field(default_factory=LiveSettings)
     # Where relative paths (cert_dir, keys_file) are resolved: the config file's folder.
     base_dir: str = field(default=".", metadata={"internal": True})
 
@@ -571,6 +601,8 @@ def validate(s: Settings) -> list[str]:
     secret = s.auth.session_secret.get()
     if secret and len(secret.encode()) < 16:
         problems.append("auth.session_secret: must be at least 16 bytes (or leave it empty to generate one)")
+    if s.live.heartbeat > 30:
+        problems.append("live.heartbeat: must be <= 30 (proxies close quiet streams)")
     for key, ttl in s.cache.ttl.items():
         if isinstance(ttl, (int, float)) and ttl < 0:
             problems.append(f"cache.ttl.{key}: must be >= 0")

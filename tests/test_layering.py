@@ -19,9 +19,11 @@ LAYERS: list[set[str]] = [
         "gateway.shared",
     },
     {"gateway.pvsbody", "gateway.upstream", "gateway.ratelimit", "gateway.auth.oidc"},
+    {"gateway.telemetry", "gateway.history"},
     {"gateway.cache"},
     {"gateway.proxy", "gateway.auth.oidc_login", "gateway.auth.middleware", "gateway.auth.frontproxy"},
     {
+        "gateway.live",
         "gateway.local", "gateway.poller", "gateway.routes", "gateway.normalize", "gateway.metrics", "gateway.dashboard",
     },
     {"gateway.app"},
