@@ -43,6 +43,9 @@ if any of it changes):
 3. ``H11Protocol.send_400_response(msg)``, overridden (``ProblemH11Protocol``)
    so that a request h11 refuses gets a problem document like every other
    error, not uvicorn's plain text.
+4. ``H11Protocol.connection_lost(None)`` cancels its keep-alive timer (with an
+   exception it does not): the edge reports every loss as ``None``, or each
+   aborted connection would stay in memory until that timer fires.
 """
 
 from __future__ import annotations
@@ -256,7 +259,10 @@ class Edge(asyncio.Protocol):
         self._cancel_timers()
         if self.opened:
             self.opened = False
-            self.inner.connection_lost(exc)
+            # Reported as a clean close whatever ended it: uvicorn cancels its keep-alive timer
+            # only then, and that timer would otherwise keep an aborted connection (under TLS
+            # with ~300 KB of buffers) alive for keepalive_timeout.
+            self.inner.connection_lost(None)
         self._release()
 
     def pause_writing(self) -> None:

@@ -312,6 +312,34 @@ def test_a_silent_tcp_connection_is_closed_within_the_handshake_timeout(tls_gate
     assert took <= 2.0 + 2
 
 
+def test_tls_connections_aborted_before_their_answer_leave_no_memory_behind(tls_gateway: Gateway) -> None:
+    """A client that closes without reading (a killed app, a timed-out poller, an attacker) costs nothing
+    once gone: uvicorn would keep each for keepalive_timeout, with Python's TLS buffers (~300 KB)."""
+    address = _address(tls_gateway)
+    context = ssl.create_default_context(cafile=str(tls_gateway.ca))
+    request = _get("/cgi-bin/dl_cgi?Command=DeviceList")  # no key: a 401 is enough
+
+    def abort(n: int) -> int:
+        done = 0
+        for _ in range(n):
+            try:
+                with socket.create_connection(address, timeout=5) as raw, context.wrap_socket(raw, server_hostname="localhost") as s:
+                    s.sendall(request)
+                done += 1
+            except OSError:
+                pass
+        return done
+
+    abort(200)  # warm: allocator pools, imports
+    time.sleep(0.5)
+    before = rss_bytes(tls_gateway.proc.pid)
+    assert abort(1000) >= 990
+    time.sleep(0.5)
+    grown = rss_bytes(tls_gateway.proc.pid) - before
+    print(f"1000 aborted TLS connections: RSS +{grown / MB:.1f} MB")
+    assert grown < 16 * MB
+
+
 # ---------------------------------------------------------------- the plain-HTTP LAN listener
 
 
@@ -359,6 +387,9 @@ def test_what_the_edge_relies_on_from_uvicorn_is_still_there() -> None:
     # 3. send_400_response(msg) is how it answers what h11 refuses.
     assert list(inspect.signature(H11Protocol.send_400_response).parameters) == ["self", "msg"]
     assert "send_400_response" in inspect.getsource(H11Protocol.handle_events)
+    # 4. connection_lost(None) cancels the keep-alive timer.
+    lost = inspect.getsource(H11Protocol.connection_lost)
+    assert "if exc is None:" in lost and "_unset_keepalive_if_required()" in lost.split("if exc is None:", 1)[1]
 
 
 def test_the_edge_sees_every_connection_of_a_real_server(tmp_path: Path) -> None:
