@@ -1,8 +1,13 @@
-"""Small readings of an ASGI scope shared by several middlewares."""
+"""Small readings of an ASGI scope shared by several middlewares, and the typed per-request state."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 from starlette.types import Scope
+
+from gateway.auth import Principal
+from gateway.errors import GatewayError
 
 
 def route_path(scope: Scope) -> str:
@@ -21,3 +26,33 @@ def client_ip(scope: Scope) -> str:
     """The client's address as resolved by the forwarded-header middleware."""
     client = scope.get("client")
     return str(client[0]) if client else "unknown"
+
+
+@dataclass(slots=True)
+class RequestState:
+    """What the layers of one request tell each other, kept at ``scope["state"]["gateway"]``.
+
+    Set by: ``request_id`` the access log; ``peer_trusted`` the forwarded-header
+    middleware (the direct peer is a configured proxy); ``principal`` and
+    ``auth_error`` authentication; ``headers`` any layer with a field for the
+    answer (rate limits), added by the guard; ``status`` the guard, as the answer
+    starts; ``detail`` whoever refuses; ``cache_status`` the proxy.
+    """
+
+    request_id: str = ""
+    peer_trusted: bool = False
+    principal: Principal | None = None
+    auth_error: GatewayError | None = None
+    headers: list[tuple[bytes, bytes]] = field(default_factory=list)
+    status: int = 500
+    detail: str | None = None
+    cache_status: str = "-"
+
+
+def request_state(scope: Scope) -> RequestState:
+    """The request's ``RequestState``, made on first use."""
+    state = scope.setdefault("state", {})
+    found = state.get("gateway")
+    if found is None:
+        found = state["gateway"] = RequestState()
+    return found  # type: ignore[no-any-return]
