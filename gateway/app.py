@@ -44,9 +44,10 @@ from gateway.middleware.forwarded import ForwardedMiddleware, parse_networks
 from gateway.middleware.guard import GuardMiddleware
 from gateway.middleware.lan import LanListenerMiddleware
 from gateway.poller import Poller
-from gateway.proxy import Proxy, is_proxied
+from gateway.proxy import Proxy
 from gateway.ratelimit import RateLimiter, RateLimitMiddleware
 from gateway.responses import send_problem
+from gateway.routetable import PVS, RouteTable, route_table
 from gateway.scopes import route_path
 from gateway.settings import Settings
 from gateway.shared import Shared
@@ -54,7 +55,6 @@ from gateway.upstream import UpstreamClient
 
 log = logging.getLogger("gateway")
 
-ADMIN_PATHS = frozenset({"/stats", "/metrics"})
 
 
 @dataclass
@@ -144,7 +144,8 @@ def create_app(
         },
     )
     poller = Poller(settings, proxy=proxy, cache=cache, upstream=upstream)
-    observed = dashboard.build(settings, cache=cache, upstream=upstream, proxy=proxy, limiter=limiter, transport=timed)
+    table = route_table(settings, assets=dashboard.ASSETS)
+    observed = dashboard.build(settings, cache=cache, upstream=upstream, proxy=proxy, limiter=limiter, transport=timed, routes=table)
     parts.background += observed.background  # live data and history (gateway.live)
 
     # The proxied PVS paths are dispatched before the router (see ProxyDispatch).
@@ -190,6 +191,7 @@ def create_app(
             https_port=listener_ports[0],
             hostnames=settings.server.hostnames,
             anonymous_from=parse_networks(settings.auth.allow_anonymous_from),
+            routes=table,
         ),
         *(oidc.login.middleware if oidc else ()),
         Middleware(
@@ -197,12 +199,11 @@ def create_app(
             authenticator=authenticator,
             gate=FailureGate(gate_hit, limiter.auth_blocked_for),
             anonymous_from=parse_networks(settings.auth.allow_anonymous_from),
-            admin_paths=ADMIN_PATHS if settings.auth.metrics_role == "admin" else ADMIN_PATHS - {"/metrics"},
-            anonymous_paths=observed.public_paths | ({"/metrics"} if settings.auth.metrics_role == "anonymous" else set()),
+            routes=table,
             unauthenticated_limit=limiter.check_ip,
             login_redirect=oidc.redirect_browser if oidc else None,
         ),
-        Middleware(RateLimitMiddleware, limiter=limiter),
+        Middleware(RateLimitMiddleware, limiter=limiter, routes=table),
     ]
 
     parts.background += [keys.watch, poller.run, sessions.watch]
@@ -237,7 +238,7 @@ def create_app(
     # Starlette answers "/vars/" with a 307 to a Location built from the client's Host header
     # (an open redirect, found by tests/test_fuzz.py); a read-only API has no use for it: 404.
     own_routes.router.redirect_slashes = False
-    stack: ASGIApp = ProxyDispatch(proxy, own_routes)
+    stack: ASGIApp = ProxyDispatch(proxy, own_routes, table)
     for layer in reversed(middleware):
         stack = layer.cls(stack, *layer.args, **layer.kwargs)
     stack = EdgeMiddleware(DrainMiddleware(stack, parts.drain), connections)
@@ -301,22 +302,17 @@ class DrainMiddleware:
 
 
 class ProxyDispatch:
-    """Proxied PVS paths go straight to the proxy; everything else to the Starlette routes.
+    """The PVS's paths (the route table's ``handler``) go to the proxy; the rest to the Starlette routes."""
 
-    A cache hit is the hot path: it skips Starlette's error, exception and routing
-    layers (each wraps ``send`` again), a large share of a hit's cost in the profile.
-    The access-log middleware catches what the proxy does not.
-    """
-
-    def __init__(self, proxy: Proxy, routes: ASGIApp) -> None:
+    def __init__(self, proxy: Proxy, routes: ASGIApp, table: RouteTable) -> None:
         self.proxy = proxy
         self.routes = routes
+        self.table = table
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http":
-            if is_proxied(route_path(scope)):
-                await self.proxy(scope, receive, send)
-                return
+        if scope["type"] == "http" and self.table.policy(route_path(scope)).handler == PVS:
+            await self.proxy(scope, receive, send)
+            return
         await self.routes(scope, receive, send)
 
 

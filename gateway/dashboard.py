@@ -14,7 +14,7 @@ its first request.
 
 The page ``/`` and its assets are the same for everybody and hold no data,
 so they load without credentials (``/`` only while OIDC is off: see
-``public_paths``); the script then asks the API, which needs a viewer. API-key users type their key once: the page trades it at
+``gateway.routetable``); the script then asks the API, which needs a viewer. API-key users type their key once: the page trades it at
 ``/auth?login`` for the gateway's HttpOnly, SameSite=Strict session cookie,
 so no script ever keeps the key (sessionStorage would hand it to any
 injected script); OIDC users already have their cookie.
@@ -49,6 +49,8 @@ from gateway.errors import (
 from gateway.health import UpstreamHealth
 from gateway.proxy import Proxy
 from gateway.responses import problem_headers
+from gateway.routetable import RouteTable
+from gateway.scopes import RequestState, request_state
 from gateway.settings import Settings
 
 SUPERVISOR = classify(b"/cgi-bin/dl_cgi/supervisor/info", b"")
@@ -69,17 +71,6 @@ ASSETS = {
     "favicon.svg": "image/svg+xml",
 }
 PUBLIC_ASSETS = frozenset(f"/static/{name}" for name in ASSETS)
-
-
-def public_paths(settings: Settings) -> frozenset[str]:
-    """Paths served without credentials.
-
-    With OIDC on, ``/`` stays protected: a browser without a session is sent
-    to the identity provider's login (the OIDC flow's contract) and comes
-    back to a page that already works. Without OIDC, the page itself is
-    public so API-key users can type their key into it.
-    """
-    return PUBLIC_ASSETS if "oidc" in settings.auth.methods else PUBLIC_ASSETS | {"/"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -257,11 +248,11 @@ class DataAPI:
         return await self._answer(request, normalize.devices_json)
 
     async def _answer(self, request: Request, render: Any) -> Response:
-        state = request.scope.setdefault("state", {})
+        state = request_state(request.scope)
         try:
             reading = await self._reader.read()
         except GatewayError as exc:
-            state["gateway.detail"] = exc.detail
+            state.detail = exc.detail
             headers = {k.decode(): v.decode() for k, v in problem_headers(exc)}
             return Response(problem_body(exc.status, exc.detail, exc.extra), exc.status, headers, PROBLEM_TYPE)
         body = render(reading.site)
@@ -275,7 +266,7 @@ class DataAPI:
             "health": health_json(self._health),
         }
         main = reading.sources[0]
-        state["gateway.cache"] = main.cache_status
+        state.cache_status = main.cache_status
         headers = {
             "Age": str(int(reading.age)),
             "Cache-Status": main.cache_status,
@@ -323,11 +314,10 @@ class Pages:
 
 @dataclass(frozen=True)
 class Observability:
-    """What app.py wires in: routes, the per-request observer, open paths, upstream timings."""
+    """What app.py wires in: routes, the per-request observer, upstream timings, background tasks."""
 
     routes: list[Route]
-    observe: Callable[[Scope, dict[str, Any], int, float], None]
-    public_paths: frozenset[str]
+    observe: Callable[[Scope, RequestState, int, float], None]
     timings: Callable[[], dict[str, dict[str, float]]]
     background: list[Callable[[], Awaitable[None]]]  # live data and history (gateway.live)
 
@@ -340,10 +330,11 @@ def build(
     proxy: Proxy,
     limiter: Any,
     transport: metrics.TimedTransport,
+    routes: RouteTable,
 ) -> Observability:
     reader = SiteReader(settings, cache=cache, proxy=proxy, upstream=upstream)
     feed = live.build(settings, upstream=upstream, peek=reader.peek, refresh=reader.refresh_if_stale)
-    requests = metrics.RequestMetrics()
+    requests = metrics.RequestMetrics(routes)
     registry = metrics.build_registry(
         [
             metrics.GatewayCollector(
@@ -369,4 +360,4 @@ def build(
         Route("/", pages.page),
         Route("/static/{name}", pages.asset),
     ]
-    return Observability(routes, requests.observe, public_paths(settings), transport.summary, feed.background)
+    return Observability(routes, requests.observe, transport.summary, feed.background)

@@ -49,6 +49,7 @@ from starlette.types import Receive, Scope, Send
 from gateway.errors import PROBLEM_TYPE, GatewayError, problem_body
 from gateway.history import History, HistoryError, parse_bounds
 from gateway.normalize import Site, iso, kw, num
+from gateway.scopes import request_state
 from gateway.settings import LiveSettings, Settings
 from gateway.shared import Shared
 from gateway.telemetry import IDLE_TIMEOUT, TelemetrySocket, socket_url
@@ -216,7 +217,7 @@ class LiveEndpoint:
         self._settings = settings
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        principal = scope.get("state", {}).get("principal")
+        principal = request_state(scope).principal
         identity = principal.id if principal is not None else "anonymous"
         try:
             listener = self._hub.subscribe(identity)
@@ -543,7 +544,7 @@ class HistoryAPI:
                 raise HistoryError(f"unknown parameter {min(unknown)!r} (use since and until)")
             since, until = parse_bounds(params.get("since"), params.get("until"), self._clock())
         except HistoryError as exc:
-            request.scope.setdefault("state", {})["gateway.detail"] = str(exc)
+            request_state(request.scope).detail = str(exc)
             return Response(problem_body(400, str(exc)), 400, media_type=PROBLEM_TYPE)
         samples = await self._history.query(since, until)
         body = {

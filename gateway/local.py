@@ -31,7 +31,7 @@ from gateway.poller import start_supervisor
 from gateway.proxy import LocalHandler
 from gateway.pvsbody import dumps
 from gateway.responses import send_bytes, send_problem
-from gateway.scopes import client_ip, route_path
+from gateway.scopes import client_ip, request_state, route_path
 from gateway.settings import UpstreamSettings
 
 log = logging.getLogger("gateway.auth")
@@ -173,7 +173,7 @@ def login(store: SessionStore, lifetime: float, pvs: PVSLogin | None = None) -> 
     """``/auth?login`` and ``/auth?logout``, answered as the PVS does (SPEC §3)."""
 
     async def handle(scope: Scope, receive: Receive, send: Send, resource: Resource) -> None:
-        state = scope.get("state", {})
+        state = request_state(scope)
         head = scope["method"] == "HEAD"
         secure = "; Secure" if scope.get("scheme") == "https" else ""
         if resource.name == "auth.logout":
@@ -186,15 +186,12 @@ def login(store: SessionStore, lifetime: float, pvs: PVSLogin | None = None) -> 
             await send({"type": "http.response.start", "status": 204, "headers": [(b"set-cookie", cookie.encode())]})
             await send({"type": "http.response.body", "body": b""})
             return
-        principal: Principal | None = state.get("principal")
-        if (principal is None or principal.method == "anonymous") and pvs is not None:
-            # Until the auth middleware asks PVSLogin itself, it refused these credentials: ask here.
-            principal = pvs.from_scope(scope) or principal
+        principal = state.principal
         if principal is None or principal.method not in _LOGIN_METHODS:
             if principal is not None and principal.method == "session":
                 error = GatewayError("a session cannot renew itself: log in with credentials (Basic, the password an API key)", status=401)
             else:
-                error = state.get("auth_error") or GatewayError("send Basic credentials whose password is an API key", status=401)
+                error = state.auth_error or GatewayError("send Basic credentials whose password is an API key", status=401)
             error.headers = [("WWW-Authenticate", 'Basic realm="pvs-gateway", charset="UTF-8"')]
             await send_problem(send, error, head=head)
             return

@@ -38,7 +38,8 @@ from starlette.types import Scope
 from gateway import __version__
 from gateway.allowlist import COMMANDS, PATHS
 from gateway.normalize import Site
-from gateway.scopes import strip_root
+from gateway.routetable import RouteTable
+from gateway.scopes import RequestState, strip_root
 from gateway.settings import Settings
 
 PREFIX = "pvsgw_"
@@ -47,37 +48,6 @@ UPSTREAM_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0,
 J_PER_KWH = 3.6e6
 
 # Route labels are a fixed set: raw paths would let any client mint new series.
-ROUTES = {
-    "/": "/",
-    "/healthz": "/healthz",
-    "/readyz": "/readyz",
-    "/metrics": "/metrics",
-    "/stats": "/stats",
-    "/api/v1/summary": "/api/v1/summary",
-    "/api/v1/devices": "/api/v1/devices",
-    "/cgi-bin/dl_cgi": "/cgi-bin/dl_cgi",
-    "/vars": "/vars",
-    "/auth": "/auth",
-    "/auth/verify": "/auth/verify",
-    "/auth/login": "/auth/{oidc}",
-    "/auth/callback": "/auth/{oidc}",
-    "/auth/logout": "/auth/{oidc}",
-}
-
-
-def route_label(path: str, root: str = "") -> str:
-    """The route a request's full path (``scope["path"]``, under ``root_path``) is counted under."""
-    path = strip_root(path, root)
-    label = ROUTES.get(path)
-    if label is not None:
-        return label
-    if path.startswith("/cgi-bin/dl_cgi/"):
-        return "/cgi-bin/dl_cgi/{path}"
-    if path.startswith("/static/"):
-        return "/static/{file}"
-    return "other"
-
-
 class _Histograms:
     """Per-label histograms in plain lists: a bisect and two adds per observation."""
 
@@ -117,13 +87,14 @@ class RequestMetrics:
 
     BATCH = 256
 
-    def __init__(self) -> None:
+    def __init__(self, routes: RouteTable) -> None:
+        self.routes = routes
         self.counts: dict[tuple[str, str, str], int] = {}
         self.latency = _Histograms(HTTP_BUCKETS)
         self._pending: list[tuple[str, str, str, int, float]] = []
 
-    def observe(self, scope: Scope, state: dict[str, Any], status: int, duration: float) -> None:
-        principal = state.get("principal")
+    def observe(self, scope: Scope, state: RequestState, status: int, duration: float) -> None:
+        principal = state.principal
         pending = self._pending
         pending.append(
             (scope["path"], scope.get("root_path", ""), principal.role if principal is not None else "none", status, duration)
@@ -136,7 +107,7 @@ class RequestMetrics:
         pending, self._pending = self._pending, []
         counts = self.counts
         for path, root, role, status, duration in pending:
-            route = route_label(path, root)
+            route = self.routes.policy(strip_root(path, root)).label
             key = (route, str(status), role)
             counts[key] = counts.get(key, 0) + 1
             self.latency.observe(route, duration)

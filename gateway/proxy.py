@@ -15,10 +15,10 @@ from collections.abc import Awaitable, Callable
 from starlette.types import Receive, Scope, Send
 
 from gateway.allowlist import Resource, classify, vars_resource
-from gateway.auth import Principal
 from gateway.cache import Lookup, ResponseCache
 from gateway.errors import GatewayError, RequestRejected
 from gateway.responses import JSON, Header, send_prepared, send_problem
+from gateway.scopes import request_state
 from gateway.settings import Settings
 from gateway.upstream import Fetched, UpstreamClient
 
@@ -26,14 +26,6 @@ log = logging.getLogger("gateway.proxy")
 
 LocalHandler = Callable[[Scope, Receive, Send, Resource], Awaitable[None]]
 DEVICE_LIST_KEY = "/cgi-bin/dl_cgi?Command=DeviceList"
-
-
-PROXIED_PATHS = frozenset({"/cgi-bin/dl_cgi", "/vars", "/auth"})
-
-
-def is_proxied(path: str) -> bool:
-    """Whether a route path (``gateway.scopes.route_path``) is the PVS's, answered by the ``Proxy``."""
-    return path in PROXIED_PATHS or path.startswith("/cgi-bin/dl_cgi/")
 
 
 class VarsAliases:
@@ -82,13 +74,13 @@ class Proxy:
                 return
             lookup = await self.lookup(resource)
         except GatewayError as exc:
-            scope.setdefault("state", {})["gateway.detail"] = exc.detail
+            request_state(scope).detail = exc.detail
             await send_problem(send, exc, head=scope["method"] == "HEAD")
             return
         await send_prepared(send, *self._answer(scope, lookup))
 
     def _answer(self, scope: Scope, lookup: Lookup) -> tuple[int, list[Header], bytes]:
-        scope.setdefault("state", {})["gateway.cache"] = lookup.cache_status
+        request_state(scope).cache_status = lookup.cache_status
         entry = lookup.entry
         return entry.status, self._answer_headers(lookup), b"" if scope["method"] == "HEAD" else entry.body
 
@@ -152,5 +144,5 @@ class Proxy:
 
 
 def _caller(scope: Scope) -> str:
-    principal: Principal | None = scope.get("state", {}).get("principal")
+    principal = request_state(scope).principal
     return principal.id if principal is not None else "anonymous"

@@ -27,12 +27,12 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from gateway.auth import Principal
 from gateway.errors import GatewayError
 from gateway.responses import Header, send_problem
-from gateway.scopes import client_ip, route_path
+from gateway.routetable import RouteTable
+from gateway.scopes import client_ip, request_state, route_path
 from gateway.settings import RateLimitSettings
 from gateway.shared import Shared
 
 QUOTA_EXCEEDED = "https://iana.org/assignments/http-problem-types#quota-exceeded"
-NEVER_LIMITED = frozenset({"/healthz", "/readyz"})
 
 
 def _item(value: str | None) -> limits.RateLimitItem | None:
@@ -189,16 +189,17 @@ class RateLimiter:
 class RateLimitMiddleware:
     """Limits identified callers by identity, the rest by client IP."""
 
-    def __init__(self, app: ASGIApp, limiter: RateLimiter) -> None:
+    def __init__(self, app: ASGIApp, limiter: RateLimiter, routes: RouteTable) -> None:
         self.app = app
         self.limiter = limiter
+        self.routes = routes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or route_path(scope) in NEVER_LIMITED:
+        if scope["type"] != "http" or not self.routes.policy(route_path(scope)).limited:
             await self.app(scope, receive, send)
             return
-        state = scope.setdefault("state", {})
-        principal: Principal | None = state.get("principal")
+        state = request_state(scope)
+        principal = state.principal
         if principal is None or principal.method == "anonymous":
             policy, key = self.limiter.per_ip, client_ip(scope)
         else:
@@ -208,9 +209,9 @@ class RateLimitMiddleware:
             return
         verdict = await self.limiter.check(policy, key)
         if verdict.allowed:
-            state.setdefault("gateway.headers", []).extend(verdict.headers())
+            state.headers.extend(verdict.headers())
             await self.app(scope, receive, send)
             return
         problem = verdict.problem()
-        state["gateway.detail"] = problem.detail
+        state.detail = problem.detail
         await send_problem(send, problem, head=scope["method"] == "HEAD")

@@ -10,10 +10,10 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from gateway import __version__, edge
-from gateway.auth import Principal
 from gateway.cache import ResponseCache
 from gateway.edge import Connections
 from gateway.health import UpstreamHealth
+from gateway.scopes import request_state
 from gateway.upstream import UpstreamClient
 
 NO_STORE = {"Cache-Control": "no-store"}
@@ -125,9 +125,10 @@ def verify(methods: tuple[str, ...] = ()) -> Callable[[Request], Awaitable[Respo
 
 
 async def _verify(request: Request) -> Response:
-    principal: Principal | None = request.scope.get("state", {}).get("principal")
+    state = request_state(request.scope)
+    principal = state.principal
     if principal is None:
-        error = request.scope.get("state", {}).get("auth_error")
+        error = state.auth_error
         detail = error.detail if error is not None else "credentials required: an API key or a login"
         return JSONResponse(
             {"type": "about:blank", "title": "Unauthorized", "status": 401, "detail": detail},

@@ -44,7 +44,7 @@ class RequestState:
     principal: Principal | None = None
     auth_error: GatewayError | None = None
     headers: list[tuple[bytes, bytes]] = field(default_factory=list)
-    status: int = 500
+    status: int | None = None  # None until the answer starts
     detail: str | None = None
     cache_status: str = "-"
 

@@ -150,12 +150,18 @@ def test_dashboard_login_trades_the_key_for_an_httponly_cookie(browser: Any, fre
 
 
 def test_the_page_is_public_only_while_oidc_is_off() -> None:
-    from gateway.dashboard import PUBLIC_ASSETS, public_paths
+    from gateway.dashboard import ASSETS
+    from gateway.routetable import route_table
     from gateway.settings import AuthSettings, Settings
 
-    assert "/" in public_paths(Settings(auth=AuthSettings(methods=("api_key",))))
+    keys_only = route_table(Settings(auth=AuthSettings(methods=("api_key",))), assets=ASSETS)
+    assert keys_only.policy("/").access == "open"
+    assert keys_only.policy("/static/dashboard.js").access == "open"
+    assert keys_only.policy("/static/secrets.txt").access == "viewer"
     # With OIDC, a browser without a session is sent to the login instead (see test_oidc_gateway).
-    assert public_paths(Settings(auth=AuthSettings(methods=("api_key", "oidc")))) == PUBLIC_ASSETS
+    with_oidc = route_table(Settings(auth=AuthSettings(methods=("api_key", "oidc"))), assets=ASSETS)
+    assert with_oidc.policy("/").access == "viewer"
+    assert with_oidc.policy("/static/dashboard.js").access == "open"
 
 
 @needs_browser

@@ -8,7 +8,7 @@ header is admitted as the named user. Role: admin when one of the groups in
 
 Fail closed:
 * The header is believed only when ``ForwardedMiddleware`` recorded that the
-  direct peer is trusted (``scope["state"]["gateway.peer_trusted"]``); the
+  direct peer is trusted (``RequestState.peer_trusted``); the
   client IP in ``scope["client"]`` cannot be used for that, it has already
   been replaced by the forwarded one. From anyone else the header is ignored
   (the request is treated as carrying no credentials).
@@ -30,9 +30,9 @@ from starlette.types import Scope
 
 from gateway.auth import Principal
 from gateway.auth.middleware import ScopeVerifier
+from gateway.scopes import request_state
 from gateway.settings import Settings
 
-PEER_TRUSTED = "gateway.peer_trusted"
 _MAX_NAME = 256
 # Printable, no separators that would confuse logs or the identity id.
 _NAME = re.compile(r"[^\x00-\x1f\x7f\s][^\x00-\x1f\x7f]*")
@@ -56,7 +56,7 @@ class FrontProxyIdentity:
         self.admin_groups = frozenset(admin_groups)
 
     def __call__(self, scope: Scope) -> Principal | None:
-        if scope.get("state", {}).get(PEER_TRUSTED) is not True:
+        if not request_state(scope).peer_trusted:
             return None
         users: list[str] = []
         groups: list[str] = []

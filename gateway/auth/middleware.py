@@ -31,14 +31,11 @@ from gateway.auth import Principal
 from gateway.errors import GatewayError
 from gateway.middleware.forwarded import Network, in_networks
 from gateway.responses import send_problem
-from gateway.scopes import client_ip, route_path
+from gateway.routetable import RouteTable
+from gateway.scopes import client_ip, request_state, route_path
 
 log = logging.getLogger("gateway.auth")
 
-OPEN_PATHS = frozenset({"/healthz", "/readyz", "/auth/login", "/auth/callback", "/auth/logout", "/favicon.ico"})
-# /auth/verify and /auth?login check credentials themselves (ForwardAuth and
-# LocalAPI contracts), but they still pass through the brute-force gate.
-SELF_CHECKED = frozenset({"/auth/verify", "/auth"})
 
 # A presented API key -> its principal, or None.
 KeyVerifier = Callable[[str], Principal | None]
@@ -223,8 +220,7 @@ class AuthMiddleware:
         authenticator: Authenticator,
         gate: FailureGate,
         anonymous_from: tuple[Network, ...],
-        admin_paths: frozenset[str],
-        anonymous_paths: frozenset[str] = frozenset(),
+        routes: RouteTable,
         login_redirect: Callable[[Scope], Response | None] | None = None,
         unauthenticated_limit: Callable[[Scope], Awaitable[Any]] | None = None,
     ) -> None:
@@ -232,8 +228,7 @@ class AuthMiddleware:
         self.authenticator = authenticator
         self.gate = gate
         self.anonymous_from = anonymous_from
-        self.admin_paths = admin_paths
-        self.anonymous_paths = anonymous_paths
+        self.routes = routes
         self.login_redirect = login_redirect
         # Requests that will get a 401 never reach the rate-limit middleware: limit them by IP here.
         self.unauthenticated_limit = unauthenticated_limit
@@ -247,10 +242,11 @@ class AuthMiddleware:
             await self.app(scope, receive, send)
             return
         path = route_path(scope)
-        if path in OPEN_PATHS or path in self.anonymous_paths:
+        access = self.routes.policy(path).access
+        if access == "open":
             await self.app(scope, receive, send)
             return
-        state = scope.setdefault("state", {})
+        state = request_state(scope)
         ip = client_ip(scope)
         head = scope["method"] == "HEAD"
 
@@ -259,7 +255,7 @@ class AuthMiddleware:
         except GatewayError as exc:
             # 401: bad credentials (counted per IP); 400: ambiguous credentials; 403: valid but
             # not allowed; 503: the identity provider is unreachable, not the caller's fault.
-            state["gateway.detail"] = exc.detail
+            state.detail = exc.detail
             if exc.status == 401:
                 # An address past the failure limit gets 429 for further failures only: a valid
                 # key or token from it is still admitted (keys are unguessable; the lock-out
@@ -269,8 +265,8 @@ class AuthMiddleware:
                     await send_problem(send, _blocked(wait), head=head)
                     return
                 await self.gate.failed(ip)
-                if path in SELF_CHECKED:
-                    state["auth_error"] = exc
+                if access == "self":
+                    state.auth_error = exc
                     await self.app(scope, receive, send)
                     return
                 if not exc.headers:
@@ -286,7 +282,7 @@ class AuthMiddleware:
         if principal is None and self.anonymous_from and in_networks(ip, self.anonymous_from):
             principal = _anonymous(ip)
         if principal is None:
-            if path in SELF_CHECKED:
+            if access == "self":
                 await self.app(scope, receive, send)
                 return
             if self.unauthenticated_limit is not None:
@@ -301,9 +297,9 @@ class AuthMiddleware:
                     return
             await send_problem(send, AuthFailed("credentials required: an API key or a login", headers=self._challenge), head=head)
             return
-        state["principal"] = principal
-        if path in self.admin_paths and not principal.is_admin:
-            state["gateway.detail"] = "admin role required"
+        state.principal = principal
+        if access == "admin" and not principal.is_admin:
+            state.detail = "admin role required"
             await send_problem(send, Forbidden(f"{path} needs the admin role; {principal.name} is a {principal.role}"), head=head)
             return
         await self.app(scope, receive, send)

@@ -23,9 +23,9 @@ from collections.abc import Callable
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from gateway.auth import Principal
 from gateway.errors import GatewayError
 from gateway.responses import send_problem
+from gateway.scopes import RequestState, request_state
 
 log = logging.getLogger("gateway.access")
 
@@ -37,7 +37,7 @@ class AccessLogMiddleware:
         *,
         style: str,
         per_identity: dict[str, dict[str, int]],
-        observe: Callable[[Scope, dict, int, float], None] | None = None,
+        observe: Callable[[Scope, RequestState, int, float], None] | None = None,
         write_later: Callable[..., None] | None = None,
     ) -> None:
         self.app = app
@@ -58,27 +58,26 @@ class AccessLogMiddleware:
             return
         start = time.perf_counter()
         request_id = self.next_request_id()
-        state = scope.setdefault("state", {})
-        state["request_id"] = request_id
-        # The guard's send wrapper (the only one on the hot path) stamps the request id
-        # on the answer and records its status here; no second wrapper is needed.
+        state = request_state(scope)
+        state.request_id = request_id
+        # The guard's send wrapper stamps the request id on the answer and records its status.
         try:
             await self.app(scope, receive, send)
         except Exception:
             log.exception("internal error on %s", scope.get("path", "?"))
-            if "gateway.status" not in state:
-                state["gateway.status"] = 500
+            if state.status is None:
+                state.status = 500
                 await send_problem(send, GatewayError("internal error; see the gateway's log", status=500))
         finally:
-            self.record(scope, state, state.get("gateway.status", 500), time.perf_counter() - start, request_id)
+            self.record(scope, state, state.status or 500, time.perf_counter() - start, request_id)
 
     def next_request_id(self) -> str:
         return f"{self._id_prefix}{next(self._id_counter):06x}"
 
-    def record(self, scope: Scope, state: dict, status: int, duration: float, request_id: str) -> None:
+    def record(self, scope: Scope, state: RequestState, status: int, duration: float, request_id: str) -> None:
         if self.observe is not None:
             self.observe(scope, state, status, duration)
-        principal: Principal | None = state.get("principal")
+        principal = state.principal
         identity = principal.id if principal is not None else "-"
         counts = self.per_identity.get(identity)
         if counts is None:
@@ -102,8 +101,8 @@ class AccessLogMiddleware:
             scope.get("query_string", b""),
             status,
             duration,
-            state.get("gateway.cache", "-"),
-            state.get("gateway.detail"),
+            state.cache_status,
+            state.detail,
         )
 
 

@@ -7,7 +7,7 @@ skipping trusted hops: the leftmost entries are whatever the client wrote.
 The result lands in ``scope["client"]``, ``scope["scheme"]``, the Host header
 and ``scope["root_path"]``, so everything downstream (limits, logs,
 anonymous CIDRs, OIDC redirect URLs) reads one answer. When the direct peer
-is trusted, ``scope["state"]["gateway.peer_trusted"]`` is True: the only
+is trusted, ``RequestState.peer_trusted`` is True: the only
 record of the real peer once ``scope["client"]`` is rewritten (the front
 proxy's identity header is believed on that alone).
 
@@ -26,6 +26,8 @@ import re
 from collections.abc import Iterable
 
 from starlette.types import ASGIApp, Receive, Scope, Send
+
+from gateway.scopes import request_state
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 # A path prefix as it may appear in links and Location headers: segments of unreserved/sub-delim characters.
@@ -79,7 +81,7 @@ class ForwardedMiddleware:
         if scope["type"] == "http":
             prefix = self.root_path
             if self.trusted and scope.get("client") and in_networks(scope["client"][0], self.trusted):
-                scope.setdefault("state", {})["gateway.peer_trusted"] = True
+                request_state(scope).peer_trusted = True
                 prefix = self._apply(scope) or prefix
             if prefix:
                 _mount(scope, prefix)

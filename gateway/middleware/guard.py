@@ -12,6 +12,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from gateway.errors import RequestRejected
 from gateway.responses import send_problem
+from gateway.scopes import request_state
 from gateway.settings import ServerSettings
 
 ALLOWED_METHODS = frozenset({"GET", "HEAD"})
@@ -49,17 +50,17 @@ class GuardMiddleware:
             await self.app(scope, receive, send)
             return
 
-        state = scope.setdefault("state", {})
-        # Inner middlewares (rate limits) add response headers here instead of wrapping send again.
-        extra: list[tuple[bytes, bytes]] = state.setdefault("gateway.headers", [])
+        state = request_state(scope)
+        # Inner layers (rate limits) add answer fields to state.headers instead of wrapping send again.
+        extra = state.headers
         https = scope.get("scheme") == "https"
         secure = self.secure_https if https else self.secure_http
         every = self.fields_for(scope)
-        request_id = state.get("request_id", "").encode()
+        request_id = state.request_id.encode()
 
         async def send_secured(message: Message) -> None:
             if message["type"] == "http.response.start":
-                state["gateway.status"] = message["status"]
+                state.status = message["status"]
                 # Dated when the answer starts, not when the request arrived (uvicorn's Date): a
                 # slow miss would otherwise look older than its own Last-Modified.
                 headers = [(b"date", formatdate(usegmt=True).encode()), *message.get("headers", ())]
@@ -80,7 +81,7 @@ class GuardMiddleware:
 
         problem = self.check(scope)
         if problem is not None:
-            state["gateway.detail"] = problem.detail
+            state.detail = problem.detail
             await send_problem(send_secured, problem, head=scope["method"] == "HEAD")
             return
         await self.app(scope, receive, send_secured)

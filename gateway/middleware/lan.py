@@ -18,8 +18,8 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from gateway.errors import GatewayError
 from gateway.middleware.forwarded import Network, in_networks
-from gateway.proxy import is_proxied
 from gateway.responses import send_bytes, send_problem
+from gateway.routetable import PVS, RouteTable
 from gateway.scopes import client_ip, route_path
 
 log = logging.getLogger("gateway.auth")
@@ -37,7 +37,9 @@ class LanListenerMiddleware:
         https_port: int,
         hostnames: tuple[str, ...],
         anonymous_from: tuple[Network, ...],
+        routes: RouteTable,
     ) -> None:
+        self.routes = routes
         self.app = app
         self.port = port
         self.https_port = https_port
@@ -64,7 +66,7 @@ class LanListenerMiddleware:
             )
             await send_problem(send, problem, head=head)
             return
-        if is_proxied(route_path(scope)) and self.anonymous_from and in_networks(ip, self.anonymous_from):
+        if self.routes.policy(route_path(scope)).handler == PVS and self.anonymous_from and in_networks(ip, self.anonymous_from):
             await self.app(scope, receive, send)
             return
         await send_bytes(send, 308, b"", [(b"location", self.location(scope))], content_type=b"text/plain", head=head)
