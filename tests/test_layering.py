@@ -15,7 +15,7 @@ LAYERS: list[set[str]] = [
     {"gateway", "gateway.errors", "gateway.settings", "gateway.files", "gateway.scopes", "gateway.auth"},
     {
         "gateway.allowlist", "gateway.budget", "gateway.health", "gateway.tls", "gateway.pinning",
-        "gateway.responses", "gateway.auth.keys", "gateway.auth.sessions", "gateway.edge", "gateway.logbuffer",
+        "gateway.responses", "gateway.auth.keys", "gateway.auth.sessions", "gateway.edge", "gateway.logbuffer", "gateway.routetable",
         "gateway.shared",
     },
     {"gateway.pvsbody", "gateway.upstream", "gateway.ratelimit", "gateway.auth.oidc"},
