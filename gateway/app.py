@@ -45,6 +45,8 @@ from gateway.proxy import Proxy, is_proxied
 from gateway.ratelimit import RateLimiter, RateLimitMiddleware
 from gateway.scopes import route_path
 from gateway.settings import Settings
+from gateway.shared import Shared, SharedCollector
+from gateway.shared import status as shared_status
 from gateway.upstream import UpstreamClient
 
 log = logging.getLogger("gateway")
@@ -61,6 +63,7 @@ class Components:
     cache: ResponseCache
     upstream: UpstreamClient
     limiter: RateLimiter
+    shared: Shared = field(default_factory=Shared)
     hot: HotPath | None = None
     per_identity: dict[str, dict[str, int]] = field(default_factory=dict)
     background: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
@@ -88,23 +91,26 @@ def create_app(
 ) -> GatewayApp:
     """``access_stream``: where access lines go, batched (the CLI's log stream); else the ``gateway.access`` logger."""
     up = settings.upstream
+    shared = Shared(settings.cluster.redis_url.get())  # cluster state; local while unset or unreachable
     health = UpstreamHealth(
         failure_threshold=up.failure_threshold,
         backoff_initial=up.backoff_initial,
         backoff_max=up.backoff_max,
+        shared=shared,
     )
     budget = UpstreamBudget(
         max_concurrency=up.max_concurrency,
         min_interval=up.min_interval,
         max_queue=up.max_queue,
         queue_timeout=up.queue_timeout,
+        shared=shared,
     )
     timed = metrics.TimedTransport(transport or upstream_transport(settings))  # counts what reaches the PVS
-    upstream = UpstreamClient(up, transport=timed, budget=budget, health=health)
-    cache = ResponseCache(settings.cache, is_failing=lambda: health.failing)
+    upstream = UpstreamClient(up, transport=timed, budget=budget, health=health, shared=shared)
+    cache = ResponseCache(settings.cache, is_failing=lambda: health.failing, shared=shared)
     keys = KeyStore(settings.path(settings.auth.keys_file))
     limiter = RateLimiter(settings.ratelimit)
-    parts = Components(settings, keys, cache, upstream, limiter)
+    parts = Components(settings, keys, cache, upstream, limiter, shared)
 
     secret = settings.auth.session_secret.get().encode()
     signer = SessionSigner(secret or load_or_create_secret(settings.path(settings.server.cert_dir) / "session.key"))
@@ -134,12 +140,15 @@ def create_app(
         },
     )
     poller = Poller(settings, proxy=proxy, cache=cache, upstream=upstream)
-    observed = dashboard.build(settings, cache=cache, upstream=upstream, proxy=proxy, limiter=limiter, transport=timed)
+    observed = dashboard.build(
+        settings, cache=cache, upstream=upstream, proxy=proxy, limiter=limiter, transport=timed,
+        collectors=[SharedCollector(shared)],
+    )
 
     # The proxied PVS paths are dispatched before the router (see ProxyDispatch).
     route_list = [
         Route("/healthz", routes.healthz),
-        Route("/readyz", routes.readyz(health, settings.cache.max_stale, poller.probe)),
+        Route("/readyz", routes.readyz(health, settings.cache.max_stale, poller.probe, cluster=lambda: shared_status(shared))),
         Route(
             "/stats",
             routes.stats(
@@ -190,7 +199,7 @@ def create_app(
         Middleware(RateLimitMiddleware, limiter=limiter),
     ]
 
-    parts.background += [keys.watch, poller.run]
+    parts.background += [keys.watch, poller.run, shared.watch]
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -205,6 +214,7 @@ def create_app(
             keys.flush_usage(force=True)
             await cache.aclose()
             await upstream.aclose()
+            await shared.aclose()
             if oidc is not None:
                 await oidc.client.aclose()
             if access_lines is not None:

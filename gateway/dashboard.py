@@ -25,7 +25,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from importlib import resources as package_files
 from typing import Any
@@ -339,6 +339,7 @@ def build(
     proxy: Proxy,
     limiter: Any,
     transport: metrics.TimedTransport,
+    collectors: Iterable[object] = (),
 ) -> Observability:
     reader = SiteReader(settings, cache=cache, proxy=proxy, upstream=upstream)
     requests = metrics.RequestMetrics()
@@ -354,6 +355,7 @@ def build(
                 started=time.time(),
             ),
             metrics.SolarCollector(reader.peek),
+            *collectors,
         ]
     )
     api = DataAPI(reader, upstream.health)

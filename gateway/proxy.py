@@ -154,26 +154,12 @@ class Proxy:
             pass  # a DeviceList without a PVS entry still serves its callers
 
     def _answer_headers(self, lookup: Lookup) -> list[Header]:
-        """The answer's fields; the same list for every hit on an entry within one second.
-
-        Everything in it is a function of the entry, the whole seconds of its age and the
-        Cache-Status text (which also counts whole seconds), so a poller's burst of hits
-        shares one list instead of encoding six fields per request. Layers further out
-        copy it before adding their own fields.
-        """
         entry = lookup.entry
-        age = int(lookup.age)
-        memo = entry.answer_memo
-        if memo is not None and memo[0] == age and memo[1] == lookup.cache_status and lookup.error is None:
-            return memo[2]
-        headers = [
+        return [
             (b"content-type", JSON),
             (b"content-length", b"%d" % len(entry.body)),
             *self._headers(lookup),
         ]
-        if lookup.error is None:
-            entry.answer_memo = (age, lookup.cache_status, headers)
-        return headers
 
     def _headers(self, lookup: Lookup) -> list[Header]:
         entry = lookup.entry

@@ -155,6 +155,9 @@ class UpstreamSettings:
     keepalive_interval: float = field(default=0.0, metadata=_check(_at_least(0)))
     # LocalAPI: re-login after this many seconds even if the session still works.
     session_max_age: float = field(default=600.0, metadata=_check(_at_least(10)))
+    # After a request times out, the PVS may still be working on it: its slot stays held until
+    # the PVS answers or this many more seconds pass (the answer still fills the cache).
+    busy_hold: float = field(default=60.0, metadata=_check(_at_least(0)))
 
 
 DEFAULT_TTLS: Mapping[str, float] = types.MappingProxyType(
