@@ -142,6 +142,12 @@ class UpstreamBudget:
 
     async def pace(self) -> None:
         """Wait until the next start is allowed (cluster-wide with Redis), and reserve it."""
+        delay = await self.reserve_start()
+        if delay > 0:
+            await asyncio.sleep(delay)
+
+    async def reserve_start(self) -> float:
+        """Reserve the next start; return the seconds to wait for it."""
         now = self._clock()
         start = max(now, self._next_start)
         self._next_start = start + self._min_interval
@@ -149,11 +155,10 @@ class UpstreamBudget:
         delay = start - now
         if self._shared is not None and self._min_interval > 0:
             shared_delay = await self._shared.run(self._pace_script)
-            if shared_delay is not None:
+            if shared_delay is not None:  # the cluster's next start rules; the local one is the fallback
                 delay = shared_delay
                 self._next_start = now + delay + self._min_interval
-        if delay > 0:
-            await asyncio.sleep(delay)
+        return delay
 
     async def aclose(self) -> None:
         for task in list(self._background):
