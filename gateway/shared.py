@@ -15,6 +15,7 @@ them is the error in cluster-wide ages and intervals).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import secrets
 import time
@@ -72,6 +73,10 @@ class Shared:
             result = await op(redis)
         except Exception as exc:  # noqa: BLE001 -- redis-py raises ConnectionError, TimeoutError, OSError, ...
             self._down_until = self._clock() + RETRY_AFTER
+            # Drop every pooled connection: those to a Redis that went away would each fail once
+            # more after it returns, and each failure would count as a new outage.
+            with contextlib.suppress(Exception):
+                await redis.connection_pool.disconnect()
             if self.available or self.outages == 0:
                 self.outages += 1
                 self.changed_at = self._clock()

@@ -1,0 +1,250 @@
+"""Several real gateways, one simulator, one real Redis: the PVS sees what one gateway would cause.
+
+Measured figures are printed (pytest -s) and asserted. Loads are modest (the test
+machine is shared); time margins are generous.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import json
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import redis as redis_sync
+
+from tests.harness import Gateway, Simulator
+from tests.redis_harness import RedisServer, redis_or_skip
+
+TTL = 2.0
+MIXED = (
+    "/cgi-bin/dl_cgi?Command=DeviceList",
+    "/cgi-bin/dl_cgi?Command=Get_Comm",
+    "/cgi-bin/dl_cgi/supervisor/info",
+    "/cgi-bin/dl_cgi?Command=GridProfileGet",
+)
+
+
+@pytest.fixture(scope="module")
+def redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    redis_or_skip()
+    server = RedisServer(tmp_path_factory.mktemp("redis")).start()
+    yield server
+    server.stop()
+
+
+def flush(server: RedisServer) -> None:
+    client = redis_sync.Redis.from_url(server.url)
+    client.flushdb()
+    client.close()
+
+
+def cluster_config(server: RedisServer, **upstream: Any) -> dict[str, Any]:
+    return {
+        "cluster": {"redis_url": server.url},
+        "upstream": {"max_concurrency": 1, "min_interval": 0.0, **upstream},
+        "cache": {"ttl": {name: TTL for name in ("DeviceList", "Get_Comm", "supervisor/info", "GridProfileGet")}},
+    }
+
+
+def start_many(make_gateway: Callable[..., Gateway], sim: Simulator, n: int, config: dict[str, Any]) -> list[Gateway]:
+    return [make_gateway(sim.url, config) for _ in range(n)]
+
+
+async def _drive(gateways: list[Gateway], seconds: float, paths: tuple[str, ...], workers: int, out: collections.Counter[int], stop: threading.Event | None) -> None:
+    clients = [gw.async_client(timeout=30) for gw in gateways]
+    deadline = time.monotonic() + seconds
+
+    async def worker(i: int) -> None:
+        n = i
+        while time.monotonic() < deadline and not (stop is not None and stop.is_set()):
+            client = clients[n % len(clients)]
+            path = paths[n % len(paths)]
+            n += 1
+            try:
+                response = await client.get(path)
+                out[response.status_code] += 1
+            except httpx.HTTPError:
+                out[0] += 1  # no answer at all
+            await asyncio.sleep(0.05)
+
+    try:
+        await asyncio.gather(*(worker(i) for i in range(workers)))
+    finally:
+        for c in clients:
+            await c.aclose()
+
+
+def drive(gateways: list[Gateway], seconds: float, paths: tuple[str, ...] = MIXED, workers: int = 8) -> collections.Counter[int]:
+    """The same load whatever the number of gateways: ``workers`` callers spread over them."""
+    statuses: collections.Counter[int] = collections.Counter()
+    asyncio.run(_drive(gateways, seconds, paths, workers, statuses, None))
+    return statuses
+
+
+def per_ttl(count: int, seconds: float) -> float:
+    return round(count / (seconds / TTL), 2)
+
+
+def test_one_two_three_gateways_cost_the_pvs_the_same(redis: RedisServer, fresh_simulator: Simulator, make_gateway) -> None:
+    seconds = 6.0
+    seen: dict[int, dict[str, Any]] = {}
+    for n in (1, 2, 3):
+        flush(redis)
+        gateways = start_many(make_gateway, fresh_simulator, n, cluster_config(redis))
+        fresh_simulator.reset()
+        statuses = drive(gateways, seconds)
+        stats = fresh_simulator.stats()
+        for gw in gateways:
+            gw.stop()
+        seen[n] = {
+            "device_list_per_ttl": per_ttl(stats["by_request"].get("DeviceList", 0), seconds),
+            "pvs_requests": stats["total"],
+            "max_in_flight": stats["max_in_flight"],
+            "statuses": dict(statuses),
+        }
+    print("\ncluster load, 8 callers, 6 s, TTL 2 s:", json.dumps(seen))
+    for n in (1, 2, 3):
+        assert seen[n]["max_in_flight"] == 1, seen
+        assert set(seen[n]["statuses"]) == {200}, seen
+        # One DeviceList per TTL (plus the one in flight at the end), whatever the number of gateways.
+        assert seen[n]["device_list_per_ttl"] <= 1.5, seen
+        assert seen[n]["pvs_requests"] <= seen[1]["pvs_requests"] + 4, seen
+
+
+def test_a_slow_pvs_with_timeouts_never_sees_two_requests(redis: RedisServer, fresh_simulator: Simulator, make_gateway) -> None:
+    """Callers time out after 1 s; the PVS takes ~2.5 s. Slots stay held until it is done, on every gateway."""
+    seconds = 8.0
+    seen: dict[int, dict[str, Any]] = {}
+    for n in (1, 2, 3):
+        flush(redis)
+        fresh_simulator.reset()
+        gateways = start_many(make_gateway, fresh_simulator, n, cluster_config(redis, timeout=1.0, busy_hold=10.0))
+        fresh_simulator.fault("slow", 2.0)
+        statuses = drive(gateways, seconds)
+        fresh_simulator.fault("ok")
+        time.sleep(3.0)  # let the last held exchange end before reading the PVS's figures
+        stats = fresh_simulator.stats()
+        for gw in gateways:
+            gw.stop()
+        seen[n] = {"pvs_requests": stats["total"], "max_in_flight": stats["max_in_flight"], "statuses": dict(statuses)}
+    print("\nslow PVS (+2 s), caller timeout 1 s:", json.dumps(seen))
+    for n in (1, 2, 3):
+        assert seen[n]["max_in_flight"] == 1, seen
+        assert 500 not in seen[n]["statuses"] and 0 not in seen[n]["statuses"], seen
+        # At most one request per ~2.5 s reaches the PVS, however many gateways ask.
+        assert seen[n]["pvs_requests"] <= seconds / 2.0 + 3, seen
+
+
+def test_a_timed_out_request_keeps_its_slot_on_a_single_gateway_without_redis(fresh_simulator: Simulator, make_gateway) -> None:
+    gw = make_gateway(fresh_simulator.url, {"upstream": {"timeout": 1.0, "busy_hold": 10.0, "max_concurrency": 1}})
+    fresh_simulator.fault("slow", 2.0)
+    statuses = drive([gw], 5.0)
+    fresh_simulator.fault("ok")
+    time.sleep(3.0)
+    stats = fresh_simulator.stats()
+    print("\none gateway, slow PVS:", dict(statuses), "max_in_flight", stats["max_in_flight"])
+    assert stats["max_in_flight"] == 1
+    assert 504 in statuses or 503 in statuses  # callers did time out
+    assert 500 not in statuses
+
+
+def _readyz(gw: Gateway) -> dict[str, Any]:
+    with gw.client(None) as c:
+        return c.get("/readyz").json()
+
+
+def _redis_up(gw: Gateway) -> str:
+    with gw.client() as c:
+        text = c.get("/metrics").text
+    return next((line.split()[-1] for line in text.splitlines() if line.startswith("pvsgw_cluster_redis_up ")), "missing")
+
+
+def test_redis_outage_never_gives_a_500_and_shared_state_returns(tmp_path: Path, fresh_simulator: Simulator, make_gateway) -> None:
+    redis_or_skip()
+    server = RedisServer(tmp_path / "redis").start()
+    try:
+        gateways = start_many(make_gateway, fresh_simulator, 2, cluster_config(server))
+        statuses: collections.Counter[int] = collections.Counter()
+        stop = threading.Event()
+        load = threading.Thread(target=lambda: asyncio.run(_drive(gateways, 60.0, MIXED, 6, statuses, stop)))
+        load.start()
+        try:
+            time.sleep(2.0)
+            before = [_readyz(gw)["cluster"]["mode"] for gw in gateways]
+            server.stop()
+            time.sleep(3.0)
+            during = [_readyz(gw)["cluster"] for gw in gateways]
+            up_during = [_redis_up(gw) for gw in gateways]
+            server.start()  # same port
+            began = time.monotonic()
+            while any(_readyz(gw)["cluster"]["mode"] != "shared" for gw in gateways):
+                assert time.monotonic() - began < 10, [_readyz(gw) for gw in gateways]
+                time.sleep(0.1)
+            back_after = round(time.monotonic() - began, 2)
+            up_after = [_redis_up(gw) for gw in gateways]
+            time.sleep(2.0)
+        finally:
+            stop.set()
+            load.join()
+        logs = [gw.logs() for gw in gateways]
+    finally:
+        server.stop()
+    print(f"\nRedis outage: statuses {dict(statuses)}, back to shared state after {back_after} s")
+    assert before == ["shared", "shared"]
+    assert [d["mode"] for d in during] == ["local (Redis unreachable)"] * 2
+    assert [d["outages"] for d in during] == [1, 1]
+    assert up_during == ["0.0", "0.0"] and up_after == ["1.0", "1.0"]
+    assert back_after < 5.0
+    assert set(statuses) <= {200, 503, 504} and statuses[200] > 0, statuses
+    for text in logs:
+        assert text.count("Redis at redis://127.0.0.1") == 3, "one line per transition: reachable, unreachable, reachable"
+        assert "Traceback" not in text
+
+
+def test_killing_the_gateway_that_holds_the_lease_frees_the_pvs_for_the_others(redis: RedisServer, fresh_simulator: Simulator, make_gateway) -> None:
+    flush(redis)
+    holder, other = start_many(make_gateway, fresh_simulator, 2, cluster_config(redis, timeout=30.0))
+    fresh_simulator.fault("hang")
+    hung = threading.Thread(target=lambda: _get_quietly(holder, "/cgi-bin/dl_cgi?Command=DeviceList"))
+    hung.start()
+    deadline = time.monotonic() + 10
+    while fresh_simulator.stats()["in_flight"] < 1:
+        assert time.monotonic() < deadline, "the holder's request never reached the PVS"
+        time.sleep(0.05)
+    result: dict[str, Any] = {}
+
+    def ask_other() -> None:
+        with other.client(timeout=40) as c:
+            result["status"] = c.get("/cgi-bin/dl_cgi?Command=Get_Comm").status_code
+            result["at"] = time.monotonic()
+
+    waiting = threading.Thread(target=ask_other)
+    waiting.start()
+    time.sleep(1.0)
+    assert "status" not in result, "the other gateway went to the PVS while the lease was held"
+    holder.proc.kill()
+    killed_at = time.monotonic()
+    fresh_simulator.fault("ok")
+    waiting.join(timeout=40)
+    hung.join(timeout=5)
+    freed_after = round(result["at"] - killed_at, 2)
+    stats = fresh_simulator.stats()
+    print(f"\nlease holder killed: the other gateway reached the PVS {freed_after} s later; max_in_flight {stats['max_in_flight']}")
+    assert result["status"] == 200
+    assert freed_after < 8.0  # LEASE_TTL (5 s) after the holder's last renewal, plus margin
+    assert stats["max_in_flight"] == 1
+
+
+def _get_quietly(gw: Gateway, path: str) -> None:
+    try:
+        with gw.client(timeout=40) as c:
+            c.get(path)
+    except httpx.HTTPError:
+        pass  # its gateway was killed
