@@ -57,6 +57,7 @@ PROBE_TARGET = "/vars?name=/sys/info/serialnum&fmt=obj"
 SERIAL_VAR = "/sys/info/serialnum"
 SESSION_KEY = key("pvs", "session")  # hash: session, at (Unix time of the login)
 FIRMWARE_KEY = key("pvs", "firmware")  # hash: firmware, serial
+FIRMWARE_KEEP = 3600  # seconds
 
 
 @dataclass(frozen=True, slots=True)
@@ -266,7 +267,14 @@ class UpstreamClient:
         self.firmware = firmware
         if self._shared is not None:
             mapping = {"firmware": firmware, "serial": self.serial}
-            await self._shared.run(lambda r: r.hset(FIRMWARE_KEY, mapping=mapping))  # type: ignore[arg-type]
+
+            async def publish(redis: Redis) -> None:
+                async with redis.pipeline(transaction=True) as pipe:
+                    pipe.hset(FIRMWARE_KEY, mapping=mapping)  # type: ignore[arg-type]
+                    pipe.expire(FIRMWARE_KEY, FIRMWARE_KEEP)  # a firmware update is noticed within the hour
+                    await pipe.execute()
+
+            await self._shared.run(publish)
 
     async def _adopt_firmware(self) -> bool:
         """The firmware another gateway detected (one probe for the cluster, not one each)."""

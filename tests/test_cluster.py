@@ -64,7 +64,8 @@ async def _drive(gateways: list[Gateway], seconds: float, paths: tuple[str, ...]
     async def worker(i: int) -> None:
         n = i
         while time.monotonic() < deadline and not (stop is not None and stop.is_set()):
-            client = clients[n % len(clients)]
+            # Every resource through every gateway: a full round of paths on one, then the next.
+            client = clients[(n // len(paths)) % len(clients)]
             path = paths[n % len(paths)]
             n += 1
             try:
@@ -94,10 +95,12 @@ def per_ttl(count: int, seconds: float) -> float:
 
 def test_one_two_three_gateways_cost_the_pvs_the_same(redis: RedisServer, fresh_simulator: Simulator, make_gateway) -> None:
     seconds = 6.0
-    seen: dict[int, dict[str, Any]] = {}
-    for n in (1, 2, 3):
+    seen: dict[int | str, dict[str, Any]] = {}
+    alone = cluster_config(redis)
+    del alone["cluster"]
+    for n, config in ((1, cluster_config(redis)), (2, cluster_config(redis)), (3, cluster_config(redis)), ("2 without Redis", alone)):
         flush(redis)
-        gateways = start_many(make_gateway, fresh_simulator, n, cluster_config(redis))
+        gateways = start_many(make_gateway, fresh_simulator, 2 if isinstance(n, str) else n, config)
         fresh_simulator.reset()
         statuses = drive(gateways, seconds)
         stats = fresh_simulator.stats()
@@ -116,6 +119,8 @@ def test_one_two_three_gateways_cost_the_pvs_the_same(redis: RedisServer, fresh_
         # One DeviceList per TTL (plus the one in flight at the end), whatever the number of gateways.
         assert seen[n]["device_list_per_ttl"] <= 1.5, seen
         assert seen[n]["pvs_requests"] <= seen[1]["pvs_requests"] + 4, seen
+    # The same load on two gateways that share nothing: what issue 22 measured (two DeviceLists per TTL).
+    assert seen["2 without Redis"]["device_list_per_ttl"] >= 1.5 * seen[2]["device_list_per_ttl"], seen
 
 
 def test_a_slow_pvs_with_timeouts_never_sees_two_requests(redis: RedisServer, fresh_simulator: Simulator, make_gateway) -> None:
@@ -248,3 +253,36 @@ def _get_quietly(gw: Gateway, path: str) -> None:
             c.get(path)
     except httpx.HTTPError:
         pass  # its gateway was killed
+
+
+def test_the_cluster_compose_file_keeps_redis_private_and_shares_the_state(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+    import tomllib
+
+    import yaml
+
+    compose = yaml.safe_load((Path(__file__).resolve().parent.parent / "deploy/cluster/compose.yml").read_text())
+    services = compose["services"]
+    gateway, store = services["gateway"], services["redis"]
+    env = {k: str(v) for k, v in gateway["environment"].items()}
+    assert gateway["deploy"]["replicas"] >= 2
+    assert env["PVSGW_CLUSTER__REDIS_URL"].startswith("redis://:${REDIS_PASSWORD")
+    assert env["PVSGW_CLUSTER__REDIS_URL"].endswith("@redis:6379/0")
+    # Redis: reachable only on the internal network, password required, nothing written to disk.
+    assert "ports" not in store and store["networks"] == ["state"] and compose["networks"]["state"]["internal"] is True
+    assert "--requirepass" in store["command"]
+    command = store["command"]
+    assert command[command.index("--save") + 1] == "" and command[command.index("--appendonly") + 1] == "no"
+    # The gateways trust exactly Traefik's network and share one state volume (keys, session secret, CA).
+    subnets = [c["subnet"] for c in compose["networks"]["web"]["ipam"]["config"]]
+    assert tomllib.loads(f"v = {env['PVSGW_SERVER__TRUSTED_PROXIES']}")["v"] == subnets
+    assert gateway["volumes"] == ["pvs-gateway-state:/data"]
+    # The environment is a valid configuration (the password filled in as compose would).
+    filled = {k: v.replace("${REDIS_PASSWORD:?put REDIS_PASSWORD in .env}", "s3cret") for k, v in env.items()}
+    check = subprocess.run(
+        [sys.executable, "-m", "gateway", "check"], cwd=tmp_path, capture_output=True, text=True, check=False,
+        env={"PATH": "/usr/bin:/bin", **filled},
+    )
+    assert check.returncode == 0, check.stdout + check.stderr
+    assert "s3cret" not in check.stdout + check.stderr
