@@ -199,7 +199,7 @@ def create_app(
         Middleware(RateLimitMiddleware, limiter=limiter),
     ]
 
-    parts.background += [keys.watch, poller.run, shared.watch]
+    parts.background += [keys.watch, poller.run, shared.watch, health.follow]
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:

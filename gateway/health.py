@@ -16,6 +16,7 @@ While Redis is unreachable the local state carries on alone.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Callable
@@ -31,6 +32,7 @@ log = logging.getLogger("gateway.upstream")
 
 HEALTH_KEY = key("pvs", "health")  # hash: failures, backoff_until, last_success, last_error
 KEEP_FOR_MS = 24 * 3600 * 1000  # the hash outlives any back-off; a day without writes drops it
+FOLLOW_INTERVAL = 1.0  # seconds between adoptions of the cluster's state by an idle gateway
 
 
 class UpstreamHealth:
@@ -132,6 +134,14 @@ class UpstreamHealth:
         if last_success and (self.last_success is None or last_success > self.last_success):
             self.last_success = last_success
             self.last_success_mono = now - max(0.0, wall - last_success)
+
+    async def follow(self) -> None:
+        """Keep adopting the cluster's state, so /readyz on an idle replica knows what the others saw."""
+        if self._shared is None:
+            return
+        while True:
+            await asyncio.sleep(FOLLOW_INTERVAL)
+            await self.pull()
 
     async def record_success(self) -> None:
         self.success()

@@ -157,9 +157,11 @@ class UpstreamClient:
             raise UpstreamTimeout(exc.detail, retry_after=exc.retry_after) from None
         response = await self._send_for(target, slot)
         if self.firmware == "localapi" and response.status_code in (401, 403):
-            # Sessions expire and vanish on reboot: log in again once, then give up.
+            # Sessions expire and vanish on reboot: log in again once (unless another gateway
+            # already has: its new session is the cluster's), then give up.
             await self._forget_session()
-            await self._login(slot)
+            if not await self._adopt_session():
+                await self._login(slot)
             response = await self._send_for(target, slot)
         return self._interpret(response, target)
 

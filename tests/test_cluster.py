@@ -286,3 +286,38 @@ def test_the_cluster_compose_file_keeps_redis_private_and_shares_the_state(tmp_p
     )
     assert check.returncode == 0, check.stdout + check.stderr
     assert "s3cret" not in check.stdout + check.stderr
+
+
+def test_one_localapi_login_and_one_firmware_probe_serve_every_gateway(redis: RedisServer, make_simulator, make_gateway) -> None:
+    flush(redis)
+    sim = make_simulator("--firmware", "localapi", "--latency-scale", "0.05")
+    config = cluster_config(redis, firmware="auto", verify_tls="off")
+    gateways = start_many(make_gateway, sim, 3, config)
+    names = ("/sys/info/sw_rev", "/sys/info/uptime", "/sys/info/lmac", "/sys/livedata/pv_p", "/sys/livedata/net_p", "/sys/livedata/time")
+    for i, gw in enumerate(gateways):
+        with gw.client() as c:
+            assert c.get(f"/vars?name={names[i]}&fmt=obj").status_code == 200
+    sim.fault("expire-sessions")
+    for i, gw in enumerate(gateways):
+        with gw.client() as c:
+            assert c.get(f"/vars?name={names[3 + i]}&fmt=obj").status_code == 200
+    targets = [e["target"] for e in sim.requests()]
+    logins = targets.count("/auth?login")
+    probes = targets.count("/vars?name=/sys/info/serialnum&fmt=obj")
+    print(f"\nLocalAPI, 3 gateways: {logins} logins (one, then one after the sessions expired), {probes} firmware probe")
+    assert logins == 2, targets
+    assert probes == 1, targets
+
+
+def test_an_idle_replica_is_ready_from_what_another_saw_without_probing_the_pvs(redis: RedisServer, fresh_simulator: Simulator, make_gateway) -> None:
+    flush(redis)
+    busy, idle = start_many(make_gateway, fresh_simulator, 2, cluster_config(redis))
+    with busy.client() as c:
+        assert c.get("/cgi-bin/dl_cgi?Command=Get_Comm").status_code == 200
+    time.sleep(2.0)  # the idle replica adopts the cluster's health every second
+    fresh_simulator.reset()
+    with idle.client(None) as c:
+        r = c.get("/readyz")
+    assert r.status_code == 200, r.text
+    assert r.json()["cluster"]["mode"] == "shared"
+    assert fresh_simulator.stats()["total"] == 0  # no probe of its own
