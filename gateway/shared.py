@@ -45,6 +45,7 @@ class Shared:
         self._timeout = timeout
         self._redis: Redis | None = None
         self._down_until = 0.0
+        self._probing = False
         self.available = False  # True once Redis answered, until it fails
         self.outages = 0
         self.changed_at: float | None = None  # monotonic, the last change between reachable and not
@@ -69,6 +70,13 @@ class Shared:
         redis = self.client()
         if redis is None or self._clock() < self._down_until:
             return None
+        # During an outage one call at a time finds out whether Redis is back; the others carry
+        # on locally at once instead of each waiting for a timeout from a silent Redis.
+        recovering = self.outages > 0 and not self.available
+        if recovering and self._probing:
+            return None
+        if recovering:
+            self._probing = True
         try:
             result = await op(redis)
         except Exception as exc:  # noqa: BLE001 -- redis-py raises ConnectionError, TimeoutError, OSError, ...
@@ -80,9 +88,15 @@ class Shared:
             if self.available or self.outages == 0:
                 self.outages += 1
                 self.changed_at = self._clock()
-                log.warning("cluster: Redis at %s unreachable (%s); carrying on with local state", _safe(self.url), type(exc).__name__)
+                log.warning(
+                    "cluster: Redis at %s unreachable (%s: %.200s); carrying on with local state",
+                    _safe(self.url), type(exc).__name__, exc,
+                )
             self.available = False
             return None
+        finally:
+            if recovering:
+                self._probing = False
         if not self.available:
             self.available = True
             self.changed_at = self._clock()

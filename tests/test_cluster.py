@@ -321,3 +321,36 @@ def test_an_idle_replica_is_ready_from_what_another_saw_without_probing_the_pvs(
     assert r.status_code == 200, r.text
     assert r.json()["cluster"]["mode"] == "shared"
     assert fresh_simulator.stats()["total"] == 0  # no probe of its own
+
+
+def test_a_silent_redis_costs_one_caller_a_timeout_not_every_caller() -> None:
+    """Redis accepts connections but never answers (a hung host): during the outage one call at a time waits."""
+    import socket
+
+    from gateway import shared as shared_mod
+    from gateway.shared import Shared
+
+    async def scenario() -> tuple[float, float, int]:
+        with socket.socket() as silent:
+            silent.bind(("127.0.0.1", 0))
+            silent.listen(64)  # connections complete in the backlog; nothing is ever read or written
+            url = f"redis://127.0.0.1:{silent.getsockname()[1]}/0"
+            now = [0.0]
+            s = Shared(url, clock=lambda: now[0], timeout=0.3)
+            assert await s.run(lambda r: r.ping()) is None  # the first failure: an outage begins
+            now[0] += shared_mod.RETRY_AFTER + 0.1
+            loop = asyncio.get_running_loop()
+            began = loop.time()
+
+            async def timed() -> float:
+                await s.run(lambda r: r.ping())
+                return loop.time() - began
+
+            waits = sorted(await asyncio.gather(*(timed() for _ in range(20))))
+            await s.aclose()
+            return waits[-1], waits[-2], s.outages
+
+    slowest, second, outages = asyncio.run(scenario())
+    assert slowest >= 0.25  # the one that asked
+    assert second < 0.1  # everyone else carried on locally at once
+    assert outages == 1
