@@ -274,3 +274,23 @@ def test_a_pvs_reboot_is_noticed_and_reported(fresh_simulator: Simulator, make_g
             assert time.monotonic() < deadline, c.get("/stats").json()
         ready = c.get("/readyz").json()
         assert ready["upstream"]["last_success"] is not None
+
+
+def test_a_caller_that_hangs_up_leaves_its_fetch_to_finish_and_fill_the_cache(fresh_simulator: Simulator, make_gateway) -> None:
+    """The slot is the PVS's, not the caller's: the next request waits for the abandoned one to end."""
+    gw = make_gateway(fresh_simulator.url, {"upstream": {"max_concurrency": 1, "timeout": 10.0}})
+    fresh_simulator.fault("slow", 1.0)  # every answer 1 s late (DeviceList: ~1.5 s)
+    with gw.client(timeout=0.3) as impatient:
+        try:
+            impatient.get(DEVICE_LIST)
+        except httpx.TimeoutException:
+            pass  # the caller hangs up; the PVS is still working
+    with gw.client() as c:
+        other = c.get("/cgi-bin/dl_cgi?Command=Get_Comm")  # needs the slot the abandoned request holds
+        assert other.status_code == 200
+        fresh_simulator.fault("ok")
+        again = c.get(DEVICE_LIST)
+    stats = fresh_simulator.stats()
+    assert stats["max_in_flight"] == 1, stats
+    assert again.status_code == 200 and again.headers["cache-status"].startswith("pvs-gateway; hit"), again.headers
+    assert stats["by_request"].get("DeviceList") == 1, stats  # the abandoned fetch filled the cache
