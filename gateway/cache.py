@@ -46,7 +46,7 @@ from gateway.errors import (
 from gateway.settings import CacheSettings
 from gateway.shared import Lease, Shared
 from gateway.shared import key as shared_key
-from gateway.upstream import Fetched, StillWorking
+from gateway.upstream import AlreadyFilled, Fetched, StillWorking, still_needed
 
 if TYPE_CHECKING:
     from redis.asyncio import Redis
@@ -118,6 +118,7 @@ class ResponseCache:
         self._inflight: dict[str, asyncio.Task[Entry]] = {}
         self._checked: dict[str, float] = {}  # key -> when Redis was last asked for a newer copy
         self._late: set[asyncio.Task[None]] = set()
+        self._landed: dict[str, asyncio.Event] = {}  # set when an entry for the key is stored
         self._bytes = 0
         self.stats = CacheStats()
 
@@ -177,7 +178,7 @@ class ResponseCache:
         else:
             self.stats.misses += 1
         try:
-            fresh = await asyncio.shield(task)
+            fresh = await self._wait_for_fill(key, task)
         except UpstreamError as exc:
             stale = self._entries.get(key)
             if stale is not None and stale.status == 200:
@@ -207,6 +208,24 @@ class ResponseCache:
         task.add_done_callback(self._filled)
         return task
 
+    async def _wait_for_fill(self, key: str, task: asyncio.Task[Entry]) -> Entry:
+        """The fill's entry, or a fresh one stored before it ends (a late answer, another gateway's).
+
+        A fill waiting for its turn at the PVS finds the entry fresh when its turn comes and
+        does not fetch (``still_needed``); its callers need not wait for that turn.
+        """
+        landed = self._landed.setdefault(key, asyncio.Event())
+        waiter = asyncio.ensure_future(landed.wait())
+        try:
+            await asyncio.wait({task, waiter}, return_when=asyncio.FIRST_COMPLETED)  # never cancels the fill
+        finally:
+            waiter.cancel()
+        if not task.done():
+            found = self.fresh(key)
+            if found is not None:
+                return found.entry
+        return await asyncio.shield(task)
+
     def _filled(self, task: asyncio.Task[Entry]) -> None:
         # Retrieve the outcome so a failed background refresh is counted, not reported as lost.
         if not task.cancelled() and task.exception() is not None:
@@ -219,20 +238,38 @@ class ResponseCache:
             return await self._fill_shared(self._shared, key, ttl, fetch)
         finally:
             self._inflight.pop(key, None)
+            self._landed.pop(key, None)  # its waiters see the fill's own outcome
 
     async def _fetch_and_store(self, key: str, ttl: float, fetch: Fetch) -> Entry:
+        async def needed() -> bool:
+            if self.fresh(key) is None and self._shared is not None:
+                await self._adopt_newer(key, force=True)
+            return self.fresh(key) is None
+
+        token = still_needed.set(needed)
         try:
             fetched = await fetch()
         except StillWorking as exc:
             # The caller's time is up, but the PVS's answer, when it comes, still serves the next one.
             self._on_late(key, ttl, exc.late)
             raise
+        except AlreadyFilled:
+            entry = self._entries[key]  # fresh: needed() just saw it
+            return entry
+        finally:
+            still_needed.reset(token)
         return await self._keep(key, ttl, fetched)
 
     async def _keep(self, key: str, ttl: float, fetched: Fetched) -> Entry:
+        entry = self._entry(ttl, fetched)
+        self._store(key, entry)
+        await self._publish(key, entry)
+        return entry
+
+    def _entry(self, ttl: float, fetched: Fetched) -> Entry:
         entry_ttl = ttl if fetched.status == 200 else min(ttl, self._settings.error_ttl)
         age = max(0.0, self._wall() - fetched.fetched_at)
-        entry = Entry(
+        return Entry(
             fetched.status,
             fetched.body,
             self._clock() - age,
@@ -240,21 +277,20 @@ class ResponseCache:
             entry_ttl,
             formatdate(fetched.fetched_at, usegmt=True).encode(),
         )
-        self._store(key, entry)
-        await self._publish(key, entry)
-        return entry
 
     def _on_late(self, key: str, ttl: float, late: asyncio.Future[Fetched]) -> None:
-        async def keep_late() -> None:
-            try:
-                fetched = await late
-            except Exception:  # noqa: BLE001 -- the late answer failed too; its caller was told already
-                return
-            await self._keep(key, ttl, fetched)
+        # Stored in the done-callback itself, before the slot it held can go to a fill
+        # queued for the same resource (which then finds it fresh and does not fetch).
+        def landed(done: asyncio.Future[Fetched]) -> None:
+            if done.cancelled() or done.exception() is not None:
+                return  # the late answer failed too; its caller was told already
+            entry = self._entry(ttl, done.result())
+            self._store(key, entry)
+            task = asyncio.get_running_loop().create_task(self._publish(key, entry), name=f"cache-late {key}")
+            self._late.add(task)
+            task.add_done_callback(self._late.discard)
 
-        task = asyncio.get_running_loop().create_task(keep_late(), name=f"cache-late {key}")
-        self._late.add(task)
-        task.add_done_callback(self._late.discard)
+        late.add_done_callback(landed)
 
     # -------------------------------------------------------------- cluster
 
@@ -315,10 +351,10 @@ class ResponseCache:
         kind = UpstreamTimeout if status == "504" else UpstreamUnavailable if status == "503" else UpstreamBadResponse
         raise kind(detail, retry_after=10)
 
-    async def _adopt_newer(self, key: str) -> None:
+    async def _adopt_newer(self, key: str, *, force: bool = False) -> None:
         """Take the cluster's copy of ``key`` when it is newer than ours (asked at most every RECHECK s)."""
         now = self._clock()
-        if now - self._checked.get(key, -RECHECK) < RECHECK:
+        if not force and now - self._checked.get(key, -RECHECK) < RECHECK:
             return
         self._checked[key] = now
         if len(self._checked) > 4 * self._settings.max_entries:
@@ -371,6 +407,9 @@ class ResponseCache:
         self._entries[key] = entry
         self._bytes += entry.size
         self.stats.stored += 1
+        landed = self._landed.pop(key, None)
+        if landed is not None:
+            landed.set()
         while len(self._entries) > self._settings.max_entries or self._bytes > self._settings.max_bytes:
             _, evicted = self._entries.popitem(last=False)
             self._bytes -= evicted.size

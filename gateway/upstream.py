@@ -22,9 +22,11 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextvars
 import json
 import logging
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -88,6 +90,17 @@ class LoginFailed(UpstreamBadResponse):
     pass
 
 
+class AlreadyFilled(Exception):
+    """The request got its slot, but what it was for is no longer needed (see ``still_needed``)."""
+
+
+# Set by the cache around a fill, and asked once the request has its slot: a resource filled
+# while the request waited for the PVS (a late answer, another gateway) is not fetched again.
+still_needed: contextvars.ContextVar[Callable[[], Awaitable[bool]] | None] = contextvars.ContextVar(
+    "still_needed", default=None
+)
+
+
 class StillWorking(UpstreamTimeout):
     """The caller's time is up but the PVS may still answer: ``late`` resolves to that answer."""
 
@@ -125,6 +138,7 @@ class UpstreamClient:
         self.last_request_mono = 0.0
         self.requests = 0
         self.late_answers = 0  # answers that came after their caller's timeout (and filled the cache)
+        self._background: set[asyncio.Task[None]] = set()
 
     async def aclose(self) -> None:
         await self.budget.aclose()
@@ -136,6 +150,9 @@ class UpstreamClient:
         self.health.check()
         try:
             async with self.budget.slot() as slot:
+                needed = still_needed.get()
+                if needed is not None and not await needed():
+                    raise AlreadyFilled(target)
                 fetched = await self._fetch_in_slot(target, slot)
         except Overloaded:
             raise  # our own queue, not the PVS's fault
@@ -169,20 +186,26 @@ class UpstreamClient:
         try:
             return await self._send(target, slot)
         except StillWorking as exc:
-            raise StillWorking(exc.detail, late=self._late(exc.late, target), retry_after=exc.retry_after) from None
+            late = self._late(exc.late, target)
+            slot.keep_until(late)  # released once the answer is interpreted (and stored by the cache)
+            raise StillWorking(exc.detail, late=late, retry_after=exc.retry_after) from None
 
     def _late(self, exchange: asyncio.Future[Any], target: str) -> asyncio.Future[Fetched]:
         """What the PVS finally answers to a timed-out request, as the caller would have had it."""
 
         async def interpret() -> Fetched:
             answer: _Answer = await exchange
-            fetched = self._interpret(answer, target)
-            self.late_answers += 1
-            await self.health.record_success()
-            return fetched
+            return self._interpret(answer, target)
+
+        def done(task: asyncio.Future[Fetched]) -> None:
+            if not task.cancelled() and task.exception() is None:
+                self.late_answers += 1
+                recorded = asyncio.get_running_loop().create_task(self.health.record_success())
+                self._background.add(recorded)
+                recorded.add_done_callback(self._background.discard)
 
         task = asyncio.get_running_loop().create_task(interpret(), name=f"late {target}")
-        task.add_done_callback(_retrieve)
+        task.add_done_callback(done)
         return task
 
     def _session_expired(self) -> bool:

@@ -215,3 +215,54 @@ def test_a_late_answer_still_fills_the_cache() -> None:
         return first, pvs.calls + (0 if found.entry.body == b'{"late": true}' else 100)
 
     assert asyncio.run(scenario()) == ("StillWorking", 0)
+
+
+def test_callers_queued_behind_a_late_answer_get_it_and_the_pvs_is_not_asked_again() -> None:
+    """A caller timed out; its request is still at the PVS. The next fill for the same resource waits for a
+    turn; when the late answer lands, its callers are served at once, and at its turn it does not fetch."""
+    from gateway.budget import UpstreamBudget
+    from gateway.upstream import AlreadyFilled, StillWorking, still_needed
+
+    async def scenario() -> tuple[str, bytes, float, int]:
+        clock = Clock(8_000_000.0)
+        cache = gateway_cache(Shared(""), clock)
+        budget = UpstreamBudget(max_concurrency=1, min_interval=0.0, max_queue=8, queue_timeout=5.0)
+        pvs_done = asyncio.Event()
+        asked = [0]
+
+        async def pvs_answer() -> Fetched:
+            await pvs_done.wait()
+            return Fetched(200, b'{"late": true}', clock.wall())
+
+        async def fetch() -> Fetched:  # what UpstreamClient.fetch does, in small
+            async with budget.slot() as slot:
+                needed = still_needed.get()
+                if needed is not None and not await needed():
+                    raise AlreadyFilled(KEY)
+                asked[0] += 1
+                if asked[0] == 1:
+                    exchange = asyncio.get_running_loop().create_task(pvs_answer())
+                    slot.keep_until(exchange)
+                    raise StillWorking("the PVS did not answer in time", late=exchange)
+                return Fetched(200, b'{"second": true}', clock.wall())
+
+        try:
+            await cache.get(KEY, 30.0, fetch)
+            first = "answered"
+        except UpstreamError as exc:
+            first = type(exc).__name__
+        loop = asyncio.get_running_loop()
+        second = loop.create_task(cache.get(KEY, 30.0, fetch))  # queued: the slot is still the PVS's
+        await asyncio.sleep(0.1)
+        began = loop.time()
+        pvs_done.set()
+        found = await asyncio.wait_for(second, 2)
+        waited = loop.time() - began
+        await asyncio.sleep(0.1)  # the queued fill takes its turn, and skips
+        return first, found.entry.body, waited, asked[0]
+
+    first, body, waited, asked = asyncio.run(scenario())
+    assert first == "StillWorking"
+    assert body == b'{"late": true}'
+    assert waited < 0.5
+    assert asked == 1, "the PVS was asked again for a resource already fresh"
