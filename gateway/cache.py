@@ -254,8 +254,10 @@ class ResponseCache:
             self._on_late(key, ttl, exc.late)
             raise
         except AlreadyFilled:
-            entry = self._entries[key]  # fresh: needed() just saw it
-            return entry
+            entry = self._entries.get(key)  # fresh when needed() looked
+            if entry is not None:
+                return entry
+            return await self._fetch_and_store(key, ttl, fetch)  # evicted since (a full cache): fetch after all
         finally:
             still_needed.reset(token)
         return await self._keep(key, ttl, fetched)
@@ -285,6 +287,8 @@ class ResponseCache:
             if done.cancelled() or done.exception() is not None:
                 return  # the late answer failed too; its caller was told already
             entry = self._entry(ttl, done.result())
+            if entry.fetched_at <= _fetched_at(self._entries.get(key)):
+                return  # something newer came in meanwhile
             self._store(key, entry)
             task = asyncio.get_running_loop().create_task(self._publish(key, entry), name=f"cache-late {key}")
             self._late.add(task)
