@@ -166,6 +166,10 @@ def _classify_command(params: dict[str, str]) -> Resource:
             raise reject("parameter names are case-sensitive: use 'Command'")
         raise reject("dl_cgi needs a Command parameter", 400)
     command = params.pop("Command")
+    # sungazer sends "Get_Comm&SerialNumber=" when it has no serial: an empty value
+    # means the same as none, so it is dropped (and shares the cache entry of the plain read).
+    if params.get("SerialNumber") == "":
+        del params["SerialNumber"]
     if command in LOCAL_COMMANDS:
         if params:
             raise reject(f"Command={command} takes no parameters", 400)

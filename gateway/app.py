@@ -2,8 +2,10 @@
 
 ``create_app(settings)`` is pure construction (no I/O until the lifespan
 starts), so tests and the CLI build the same app. Request flow, outermost
-first: access log -> forwarded headers (trusted proxies only) -> guard
-(method, sizes, security headers) -> authentication -> rate limits -> routes.
+first: edge (connection deadlines, gateway.edge) -> drain (503 at shutdown)
+-> access log -> forwarded headers (trusted proxies only) -> guard (method,
+sizes, security headers) -> plain-HTTP LAN listener -> authentication -> rate
+limits -> routes.
 """
 
 from __future__ import annotations
@@ -23,26 +25,28 @@ from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from gateway import dashboard, local, metrics, routes
 from gateway.auth import Principal
 from gateway.auth.frontproxy import front_proxy_verifier
 from gateway.auth.keys import KeyStore
 from gateway.auth.middleware import Authenticator, AuthMiddleware, FailureGate
-from gateway.auth.sessions import SessionSigner, load_or_create_secret
+from gateway.auth.sessions import SessionSigner, SessionStore, load_or_create_secret
 from gateway.budget import UpstreamBudget
 from gateway.cache import ResponseCache
-from gateway.errors import PROBLEM_TYPE, problem_body
+from gateway.edge import Connections, EdgeLimits, EdgeMiddleware
+from gateway.errors import PROBLEM_TYPE, GatewayError, problem_body
 from gateway.health import UpstreamHealth
-from gateway.hotpath import HotPath
 from gateway.logbuffer import LineBuffer
 from gateway.middleware.accesslog import AccessLogMiddleware
 from gateway.middleware.forwarded import ForwardedMiddleware, parse_networks
 from gateway.middleware.guard import GuardMiddleware
+from gateway.middleware.lan import LanListenerMiddleware
 from gateway.poller import Poller
 from gateway.proxy import Proxy, is_proxied
 from gateway.ratelimit import RateLimiter, RateLimitMiddleware
+from gateway.responses import send_problem
 from gateway.scopes import route_path
 from gateway.settings import Settings
 from gateway.shared import Shared, SharedCollector
@@ -63,10 +67,13 @@ class Components:
     cache: ResponseCache
     upstream: UpstreamClient
     limiter: RateLimiter
-    shared: Shared = field(default_factory=Shared)
-    hot: HotPath | None = None
+    connections: Connections
+    drain: Drain
+    shared: Shared
     per_identity: dict[str, dict[str, int]] = field(default_factory=dict)
     background: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
+    # Run on SIGHUP (in a thread): each reads its files again and keeps the old state on a problem.
+    reloaders: list[Callable[[], object]] = field(default_factory=list)
 
 
 def upstream_transport(settings: Settings) -> httpx.AsyncBaseTransport:
@@ -88,8 +95,10 @@ def create_app(
     *,
     transport: httpx.AsyncBaseTransport | None = None,
     access_stream: TextIO | None = None,
+    listener_ports: tuple[int, int] = (0, 0),
 ) -> GatewayApp:
-    """``access_stream``: where access lines go, batched (the CLI's log stream); else the ``gateway.access`` logger."""
+    """``access_stream``: where access lines go, batched (the CLI's log stream); else the ``gateway.access`` logger.
+    ``listener_ports``: the HTTPS (or main) port and the plain-HTTP LAN listener's port (0: none)."""
     up = settings.upstream
     shared = Shared(settings.cluster.redis_url.get())  # cluster state; local while unset or unreachable
     health = UpstreamHealth(
@@ -105,38 +114,36 @@ def create_app(
         queue_timeout=up.queue_timeout,
         shared=shared,
     )
-    timed = metrics.TimedTransport(transport or upstream_transport(settings))  # counts what reaches the PVS
+    pvs_transport = transport or upstream_transport(settings)
+    timed = metrics.TimedTransport(pvs_transport)  # counts what reaches the PVS
     upstream = UpstreamClient(up, transport=timed, budget=budget, health=health, shared=shared)
     cache = ResponseCache(settings.cache, is_failing=lambda: health.failing, shared=shared)
     keys = KeyStore(settings.path(settings.auth.keys_file))
-    limiter = RateLimiter(settings.ratelimit)
-    parts = Components(settings, keys, cache, upstream, limiter, shared)
+    limiter = RateLimiter(settings.ratelimit, shared)
+    connections = Connections(edge_limits(settings))
+    parts = Components(settings, keys, cache, upstream, limiter, connections, Drain(), shared)
 
     secret = settings.auth.session_secret.get().encode()
     signer = SessionSigner(secret or load_or_create_secret(settings.path(settings.server.cert_dir) / "session.key"))
+    sessions = SessionStore(signer, shared=shared)
+    pvs_login = local.PVSLogin(settings.upstream, settings.auth.allow_anonymous_from, serial=lambda: upstream.serial)
 
-    def api_key(presented: str) -> tuple[Principal, Callable[[], bool]] | None:
+    def api_key(presented: str) -> Principal | None:
         record = keys.verify(presented)  # records the use itself
-        return (keys.principal(record), keys.holds(record)) if record is not None else None
+        return keys.principal(record) if record is not None else None
 
-    def session(token: str) -> Principal | None:
-        kid = signer.verify(token)
-        record = keys.lookup(kid) if kid else None
-        if record is None:
-            return None
-        keys.record_use(record.id)
-        p = keys.principal(record)
-        return Principal(p.id, p.name, p.role, "session", p.rate_limit)
+    session = local.session_principal(sessions, keys, pvs_login)
 
     proxy = Proxy(
         settings,
         cache=cache,
         upstream=upstream,
         local={
-            "Start": local.session_control(cache),
+            # Late-bound: the proxy is built from this table.
+            "Start": local.session_control(cache, lambda resource: proxy.lookup(resource)),
             "Stop": local.session_control(cache),
-            "auth.login": local.login(signer, settings.auth.session_lifetime),
-            "auth.logout": local.login(signer, settings.auth.session_lifetime),
+            "auth.login": local.login(sessions, settings.auth.session_lifetime, pvs_login),
+            "auth.logout": local.login(sessions, settings.auth.session_lifetime, pvs_login),
         },
     )
     poller = Poller(settings, proxy=proxy, cache=cache, upstream=upstream)
@@ -144,6 +151,7 @@ def create_app(
         settings, cache=cache, upstream=upstream, proxy=proxy, limiter=limiter, transport=timed,
         collectors=[SharedCollector(shared)],
     )
+    parts.background += observed.background  # live data and history (gateway.live)
 
     # The proxied PVS paths are dispatched before the router (see ProxyDispatch).
     route_list = [
@@ -151,26 +159,23 @@ def create_app(
         Route("/readyz", routes.readyz(health, settings.cache.max_stale, poller.probe, cluster=lambda: shared_status(shared))),
         Route(
             "/stats",
-            routes.stats(
-                cache, upstream, parts.per_identity, time.monotonic(), observed.timings,
-                hot_answered=lambda: parts.hot.answered if parts.hot is not None else None,
-                hot_repeats=lambda: parts.hot.repeats if parts.hot is not None else None,
-            ),
+            routes.stats(cache, upstream, parts.per_identity, time.monotonic(), observed.timings, connections),
         ),
-        Route("/auth/verify", routes.verify),
+        Route("/auth/verify", routes.verify(settings.auth.forward_auth_methods)),
         *observed.routes,
     ]
 
     async def gate_hit(ip: str) -> bool:
         return await limiter.auth_failure(ip)
 
-    oidc = _oidc(settings, signer_secret=signer.secret_for("oidc-session")) if "oidc" in settings.auth.methods else None
+    oidc = _oidc(settings, signer_secret=signer.secret_for("oidc-session"), sessions=sessions) if "oidc" in settings.auth.methods else None
     authenticator = Authenticator(
         api_key=api_key if "api_key" in settings.auth.methods else None,
         session=session,
         bearer_jwt=oidc.verifier.verify_bearer if oidc else None,
         browser_session=oidc.principal_from_scope if oidc else None,
         front_proxy=front_proxy_verifier(settings),
+        pvs_login=pvs_login,
     )
     if oidc is not None:
         route_list += oidc.login.routes
@@ -185,11 +190,18 @@ def create_app(
         ),
         Middleware(ForwardedMiddleware, trusted=parse_networks(settings.server.trusted_proxies), root_path=settings.server.root_path),
         Middleware(GuardMiddleware, settings=settings.server),
+        Middleware(
+            LanListenerMiddleware,
+            port=listener_ports[1],
+            https_port=listener_ports[0],
+            hostnames=settings.server.hostnames,
+            anonymous_from=parse_networks(settings.auth.allow_anonymous_from),
+        ),
         *(oidc.login.middleware if oidc else ()),
         Middleware(
             AuthMiddleware,
             authenticator=authenticator,
-            gate=FailureGate(gate_hit, limiter.auth_blocked_for, limiter.may_be_blocked),
+            gate=FailureGate(gate_hit, limiter.auth_blocked_for),
             anonymous_from=parse_networks(settings.auth.allow_anonymous_from),
             admin_paths=ADMIN_PATHS if settings.auth.metrics_role == "admin" else ADMIN_PATHS - {"/metrics"},
             anonymous_paths=observed.public_paths | ({"/metrics"} if settings.auth.metrics_role == "anonymous" else set()),
@@ -199,7 +211,10 @@ def create_app(
         Middleware(RateLimitMiddleware, limiter=limiter),
     ]
 
-    parts.background += [keys.watch, poller.run, shared.watch, health.follow]
+    parts.background += [keys.watch, poller.run, sessions.watch, shared.watch, health.follow]
+    parts.reloaders.append(keys.reload_if_changed)
+    if hasattr(pvs_transport, "reload_pin"):  # gateway.pinning.PinningTransport: SIGHUP re-reads the PVS pin
+        parts.reloaders.append(pvs_transport.reload_pin)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -214,7 +229,7 @@ def create_app(
             keys.flush_usage(force=True)
             await cache.aclose()
             await upstream.aclose()
-            await shared.aclose()
+            await shared.aclose()  # last: the budget releases its leases through it
             if oidc is not None:
                 await oidc.client.aclose()
             if access_lines is not None:
@@ -229,20 +244,66 @@ def create_app(
     # (an open redirect, found by tests/test_fuzz.py); a read-only API has no use for it: 404.
     own_routes.router.redirect_slashes = False
     stack: ASGIApp = ProxyDispatch(proxy, own_routes)
-    layers: dict[type, Any] = {}
     for layer in reversed(middleware):
-        stack = layers[layer.cls] = layer.cls(stack, *layer.args, **layer.kwargs)
-    if settings.server.hot_path:
-        parts.hot = HotPath(
-            access=layers[AccessLogMiddleware],
-            forwarded=layers[ForwardedMiddleware],
-            guard=layers[GuardMiddleware],
-            auth=layers[AuthMiddleware],
-            ratelimit=layers[RateLimitMiddleware],
-            proxy=proxy,
-            cookie_sessions=oidc is not None,
-        )
+        stack = layer.cls(stack, *layer.args, **layer.kwargs)
+    stack = EdgeMiddleware(DrainMiddleware(stack, parts.drain), connections)
     return GatewayApp(stack, own_routes, parts)
+
+
+def edge_limits(settings: Settings) -> EdgeLimits:
+    server = settings.server
+    return EdgeLimits(
+        keepalive_timeout=server.keepalive_timeout,
+        # The URL and header limits together, plus the request line's and each field's framing.
+        head_bytes=server.max_url_length + server.max_header_bytes + 4 * server.max_header_count + 64,
+        max_connections=server.max_connections,
+        max_connections_per_ip=server.max_connections_per_ip,
+        tls_handshake_timeout=server.tls_handshake_timeout,
+    )
+
+
+class Drain:
+    """Shutdown: requests still waiting (no answer started) are answered 503, not cancelled into 500s."""
+
+    def __init__(self) -> None:
+        self.draining = False
+        self.waiting: dict[asyncio.Task[Any], list[bool]] = {}
+
+    def start(self) -> None:
+        self.draining = True
+        for task, started in list(self.waiting.items()):
+            if not started[0]:
+                task.cancel()
+
+
+class DrainMiddleware:
+    def __init__(self, app: ASGIApp, drain: Drain) -> None:
+        self.app = app
+        self.drain = drain
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        task = asyncio.current_task()
+        if scope["type"] != "http" or task is None:
+            await self.app(scope, receive, send)
+            return
+        started = [False]
+
+        async def noting_send(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                started[0] = True
+            await send(message)
+
+        self.drain.waiting[task] = started
+        try:
+            await self.app(scope, receive, noting_send)
+        except asyncio.CancelledError:
+            if not self.drain.draining or started[0]:
+                raise
+            task.uncancel()
+            problem = GatewayError("the gateway is shutting down; retry shortly", status=503, headers=[("Retry-After", "5")])
+            await send_problem(noting_send, problem, head=scope["method"] == "HEAD")
+        finally:
+            del self.drain.waiting[task]
 
 
 class ProxyDispatch:
@@ -266,17 +327,10 @@ class ProxyDispatch:
 
 
 class GatewayApp:
-    """What uvicorn serves: the middleware stack over ProxyDispatch; ``state`` is the routes' state.
-
-    ``hot`` (``gateway.hotpath``) answers fresh cache hits without the stack, for the
-    connection protocol that offers them (``gateway.httpproto``); ASGI servers without
-    it (tests' in-process transports) get the same answers from the stack.
-    """
+    """What uvicorn serves: the middleware stack over ProxyDispatch; ``state`` is the routes' state."""
 
     def __init__(self, stack: ASGIApp, routes: Starlette, parts: Components) -> None:
         self._stack = stack
-        # Offered every request first by the connection protocol (gateway.httpproto), when on.
-        self.hot = parts.hot
         self.routes = routes
         self.state = routes.state
         self.state.gateway = parts
@@ -306,7 +360,7 @@ class _OIDC:
         return login_redirect(request) if wants_html(request) else None
 
 
-def _oidc(settings: Settings, *, signer_secret: str) -> _OIDC:
+def _oidc(settings: Settings, *, signer_secret: str, sessions: SessionStore) -> _OIDC:
     from gateway.auth.oidc import OIDCVerifier
     from gateway.auth.oidc_login import oidc_routes
 
@@ -320,6 +374,7 @@ def _oidc(settings: Settings, *, signer_secret: str) -> _OIDC:
         secret_key=signer_secret,
         https_only=https_only,
         cookie_path=settings.server.root_path or "/",
+        sessions=sessions,
     )
     return _OIDC(client, verifier, login)
 

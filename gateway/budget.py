@@ -171,12 +171,12 @@ class UpstreamBudget:
         return self._wall() if self._wall is not None else -1.0
 
     async def _pace_script(self, redis: Redis) -> float:
-        reply = await redis.eval(_PACE, 1, NEXT_START_KEY, self._now_arg(), self._min_interval)  # type: ignore[no-untyped-call]
+        reply = await redis.eval(_PACE, 1, NEXT_START_KEY, self._now_arg(), self._min_interval)
         return max(0.0, float(reply))
 
     async def _try_lease(self, lease: str) -> bool | None:
         async def op(redis: Redis) -> bool:
-            got = await redis.eval(_ACQUIRE, 1, LEASES_KEY, self._now_arg(), lease, self._max, self._lease_ttl)  # type: ignore[no-untyped-call]
+            got = await redis.eval(_ACQUIRE, 1, LEASES_KEY, self._now_arg(), lease, self._max, self._lease_ttl)
             return bool(got)
 
         return await self._shared.run(op) if self._shared is not None else None
@@ -256,10 +256,8 @@ class UpstreamBudget:
                 self._release()
             else:
                 fut.cancel()
-                try:
+                with suppress(ValueError):
                     self._waiters.remove(fut)
-                except ValueError:
-                    pass
             if isinstance(exc, TimeoutError):
                 self.shed += 1
                 raise Overloaded(

@@ -2,7 +2,8 @@
 
 The only place that parses arguments, configures logging and exits. Exit
 codes: 0 ok, 1 runtime failure, 2 bad usage or configuration (a list of
-problems, never a traceback).
+problems, never a traceback). A file problem is one line naming the file;
+a closed stdout (``keys list | head``) ends the command quietly.
 """
 
 from __future__ import annotations
@@ -11,12 +12,14 @@ import argparse
 import json
 import logging
 import os
+import socket
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from gateway import __version__
+from gateway.errors import GatewayError
 from gateway.settings import Settings, find_config_path, load
 
 EXIT_OK, EXIT_FAILURE, EXIT_CONFIG = 0, 1, 2
@@ -39,15 +42,107 @@ def _setup_logging(level: str = "info") -> None:
     logging.getLogger("httpcore").setLevel(logging.WARNING)
 
 
+def _print_problems(problems: list[str]) -> None:
+    print(f"pvs-gateway: configuration has {len(problems)} problem(s):", file=sys.stderr)
+    for problem in problems:
+        print(f"  - {problem}", file=sys.stderr)
+
+
 def _load_settings(args: argparse.Namespace, overrides: dict[str, Any] | None = None) -> Settings | None:
     path = find_config_path(getattr(args, "config", None), os.environ)
     settings, problems = load(path, overrides=overrides)
     if problems:
-        print(f"pvs-gateway: configuration has {len(problems)} problem(s):", file=sys.stderr)
-        for problem in problems:
-            print(f"  - {problem}", file=sys.stderr)
+        _print_problems(problems)
         return None
     return settings
+
+
+# ------------------------------------------------------------------ files and ports
+
+
+def _keys_file_problems(settings: Settings) -> list[str]:
+    """What ``serve`` refuses to start on: a key file that is corrupt, unreadable or writable by others."""
+    if "api_key" not in settings.auth.methods:
+        return []
+    from gateway.auth import keys
+
+    return [f"auth.keys_file: {p}" for p in keys.file_problems(settings.path(settings.auth.keys_file))]
+
+
+def _dir_problem(directory: Path) -> str | None:
+    """Why ``directory`` cannot be written (or created), else None; changes nothing."""
+    if directory.exists():
+        if not directory.is_dir():
+            return f"{directory} is not a directory"
+        if not os.access(directory, os.W_OK | os.X_OK):
+            return f"{directory} is not writable by this user (uid {os.geteuid()})"
+        return None
+    parent = directory.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        return f"{directory} cannot be created: {parent} is not a directory"
+    if not os.access(parent, os.W_OK | os.X_OK):
+        return f"{directory} cannot be created: {parent} is not writable by this user (uid {os.geteuid()})"
+    return None
+
+
+def _file_problems(settings: Settings) -> list[str]:
+    """What ``check`` adds to the configuration's own problems: the files ``serve`` will need."""
+    from gateway import pinning, tls
+
+    problems = _keys_file_problems(settings)
+    server = settings.server
+    cert_dir = settings.path(server.cert_dir)
+    # cert_dir also holds the session key and the PVS pin, so it matters even without TLS.
+    problem = _dir_problem(cert_dir)
+    if problem:
+        problems.append(f"server.cert_dir: {problem}")
+    if server.tls == "self-signed":
+        problems += [f"server.cert_dir: {p}" for p in tls.check_cert_dir(cert_dir)]
+    elif server.tls == "files" and server.cert_file and server.key_file:
+        try:
+            tls.server_ssl_context(settings.path(server.cert_file), settings.path(server.key_file))
+        except tls.TLSSetupError as exc:
+            problems.append(f"server.cert_file: {exc}")
+    if settings.upstream.verify_tls == "ca" and settings.upstream.ca_file:
+        try:
+            pinning.ca_context(settings.path(settings.upstream.ca_file))
+        except GatewayError as exc:
+            problems.append(exc.detail)
+    if settings.upstream.verify_tls == "pin" and settings.upstream.url.startswith("https://"):
+        try:
+            pinning.read_pin(cert_dir / pinning.PIN_FILE)
+        except pinning.PinFileError as exc:
+            problems.append(f"server.cert_dir: {exc}; fix it or run `{pinning.TRUST_COMMAND}`")
+    return problems
+
+
+def _port_problem(host: str, port: int) -> str | None:
+    """Why ``host:port`` cannot be listened on right now, else None.
+
+    For ``demo``, which starts the simulator, makes its state and rotates its
+    key before ``serve`` binds: a second demo started by mistake changes nothing.
+    (``serve`` itself binds before anything else: ``gateway.server.bind``.)
+    """
+    if not port:
+        return None
+    shown = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    try:
+        infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        return f"cannot listen on {shown}: {exc.strerror}"
+    for family, kind, proto, _, address in infos:
+        try:
+            with socket.socket(family, kind, proto) as probe:
+                # As uvicorn does: a TIME_WAIT left by the previous run is no conflict.
+                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                if family == socket.AF_INET6:
+                    probe.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+                probe.bind(address)
+        except OSError as exc:
+            return f"cannot listen on {shown}: {exc.strerror or exc}"
+    return None
 
 
 # ------------------------------------------------------------------ commands
@@ -62,23 +157,47 @@ def cmd_serve(args: argparse.Namespace) -> int:
     settings = _load_settings(args, {"server": server} if server else None)
     if settings is None:
         return EXIT_CONFIG
+    problems = _keys_file_problems(settings)
+    if problems:
+        for problem in problems:
+            print(f"pvs-gateway serve: {problem}", file=sys.stderr)
+        return EXIT_CONFIG
     _setup_logging(settings.server.log_level)
     from gateway.server import run_async, serve
+    from gateway.tls import TLSSetupError
 
     try:
         # Access lines bypass logging's per-record cost but share its stream and format.
         run_async(serve(settings, access_stream=sys.stderr))
     except KeyboardInterrupt:
         pass
-    except OSError as exc:
-        logging.getLogger("gateway").error("cannot serve: %s", exc)
+    except TLSSetupError as exc:
+        print(f"pvs-gateway serve: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    except GatewayError as exc:  # e.g. upstream.ca_file cannot be loaded
+        print(f"pvs-gateway serve: {exc.detail}", file=sys.stderr)
+        return EXIT_FAILURE
+    except OSError as exc:  # gateway.server.serve binds its sockets first: a port in use lands here
+        print(f"pvs-gateway serve: {_os_error(exc)}", file=sys.stderr)
         return EXIT_FAILURE
     return EXIT_OK
+
+
+def _os_error(exc: OSError) -> str:
+    """One line for an OSError out of ``serve``: a file names itself; the others (a port in use:
+    ``gateway.server.bind``'s "cannot listen on HOST:PORT: ...") already say what they are about."""
+    if exc.filename:
+        return f"cannot use {exc.filename}: {exc.strerror or exc}"
+    return exc.strerror or str(exc)
 
 
 def cmd_check(args: argparse.Namespace) -> int:
     settings = _load_settings(args)
     if settings is None:
+        return EXIT_CONFIG
+    problems = _file_problems(settings)
+    if problems:
+        _print_problems(problems)
         return EXIT_CONFIG
     path = find_config_path(getattr(args, "config", None), os.environ)
     print(f"configuration ok ({path or 'built-in defaults'})")
@@ -110,7 +229,7 @@ def cmd_keys(args: argparse.Namespace) -> int:
             _print_key(record, path)
             print(secret)
         elif args.keys_command == "rotate":
-            record, secret = keys.rotate_key(path, args.name)
+            record, secret = keys.rotate_key(path, args.name, args.expires_days)
             _print_key(record, path)
             print(secret)
         elif args.keys_command == "revoke":
@@ -161,7 +280,16 @@ def cmd_certs(args: argparse.Namespace) -> int:
 
             fp = pinning.accept_current(settings.upstream.url, cert_dir / pinning.PIN_FILE)
             print(f"now trusting the PVS certificate sha256 {fp}")
-    except (OSError, tls.TLSSetupError) as exc:
+    except tls.TLSSetupError as exc:
+        print(f"pvs-gateway certs: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    except BrokenPipeError:
+        raise  # stdout's reader left: main ends quietly
+    except OSError as exc:
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"pvs-gateway certs: {where}{exc.strerror or exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    except (ValueError, GatewayError) as exc:  # trust-pvs: not an https:// PVS, no certificate presented
         print(f"pvs-gateway certs: {exc}", file=sys.stderr)
         return EXIT_FAILURE
     return EXIT_OK
@@ -170,6 +298,10 @@ def cmd_certs(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from gateway.demo import run_demo
 
+    busy = _port_problem("127.0.0.1", args.port)
+    if busy:  # before the simulator starts, the state is made or the demo key rotated
+        print(f"pvs-gateway demo: {busy}", file=sys.stderr)
+        return EXIT_FAILURE
     _setup_logging("info")
     return run_demo(port=args.port, state_dir=Path(args.state_dir), clock=args.clock)
 
@@ -215,9 +347,11 @@ def build_parser() -> argparse.ArgumentParser:
     add.add_argument("--rate-limit", help="override ratelimit.per_caller for this key, e.g. 600/minute")
     lst = with_config(ksub.add_parser("list", help="list keys (never secrets)"))
     lst.add_argument("--json", action="store_true")
-    for name, text in (("revoke", "revoke a key"), ("rotate", "replace a key's secret (new id)")):
-        p = with_config(ksub.add_parser(name, help=text))
-        p.add_argument("name")
+    revoke = with_config(ksub.add_parser("revoke", help="revoke a key"))
+    revoke.add_argument("name")
+    rotate = with_config(ksub.add_parser("rotate", help="replace a key's secret (new id); the expiry stays"))
+    rotate.add_argument("name")
+    rotate.add_argument("--expires-days", type=float, help="give it a new expiry, counted from now")
     keys.set_defaults(func=cmd_keys)
 
     certs = sub.add_parser("certs", help="TLS certificates")
@@ -236,10 +370,18 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     try:
-        args = parser.parse_args(argv)
-    except SystemExit as exc:
-        return int(exc.code or 0)
-    try:
-        return int(args.func(args))
+        try:
+            args = parser.parse_args(argv)
+        except SystemExit as exc:
+            return int(exc.code or 0)
+        code = int(args.func(args))
+        sys.stdout.flush()  # a closed pipe shows here, not as a traceback at exit
+        return code
     except KeyboardInterrupt:
         return EXIT_OK
+    except BrokenPipeError:
+        # `pvs-gateway keys list | head`: the reader left. Say nothing, and keep the
+        # interpreter's final flush from failing too (the Python docs' recipe).
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return EXIT_FAILURE

@@ -25,7 +25,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from importlib import resources as package_files
 from typing import Any
@@ -36,7 +36,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import Scope
 
-from gateway import metrics, normalize
+from gateway import live, metrics, normalize
 from gateway.allowlist import Resource, classify
 from gateway.cache import Entry, Lookup, ResponseCache
 from gateway.errors import (
@@ -329,6 +329,7 @@ class Observability:
     observe: Callable[[Scope, dict[str, Any], int, float], None]
     public_paths: frozenset[str]
     timings: Callable[[], dict[str, dict[str, float]]]
+    background: list[Callable[[], Awaitable[None]]]  # live data and history (gateway.live)
 
 
 def build(
@@ -342,6 +343,7 @@ def build(
     collectors: Iterable[object] = (),
 ) -> Observability:
     reader = SiteReader(settings, cache=cache, proxy=proxy, upstream=upstream)
+    feed = live.build(settings, upstream=upstream, peek=reader.peek, refresh=reader.refresh_if_stale)
     requests = metrics.RequestMetrics()
     registry = metrics.build_registry(
         [
@@ -355,6 +357,7 @@ def build(
                 started=time.time(),
             ),
             metrics.SolarCollector(reader.peek),
+            feed.collector,
             *collectors,
         ]
     )
@@ -364,7 +367,8 @@ def build(
         Route("/metrics", metrics.endpoint(registry, before_scrape=reader.refresh_if_stale)),
         Route("/api/v1/summary", api.summary),
         Route("/api/v1/devices", api.devices),
+        *feed.routes,
         Route("/", pages.page),
         Route("/static/{name}", pages.asset),
     ]
-    return Observability(routes, requests.observe, public_paths(settings), transport.summary)
+    return Observability(routes, requests.observe, public_paths(settings), transport.summary, feed.background)

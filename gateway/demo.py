@@ -3,6 +3,8 @@
 The simulator runs as a child process (as a real PVS would be another
 machine); the gateway runs here. State (CA, keys) lives in ``state_dir`` so
 a second run reuses the CA you may already trust. Ctrl-C stops both.
+``pvs-gateway demo`` checks the port first, so a demo already running is
+left alone: nothing is made and its key is not rotated.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from pathlib import Path
 
 from gateway.auth import keys
 from gateway.settings import load
-from gateway.tls import CA_CERT
+from gateway.tls import CA_CERT, TLSSetupError
 
 log = logging.getLogger("gateway.demo")
 
@@ -82,6 +84,13 @@ def run_demo(*, port: int, state_dir: Path, clock: str) -> int:
         with contextlib.suppress(KeyboardInterrupt):
             run_async(serve(settings, on_ready=announce, access_stream=sys.stderr))
         return 0
+    except (TLSSetupError, keys.KeyStoreError) as exc:  # e.g. a damaged CA in the state dir
+        print(f"pvs-gateway demo: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"pvs-gateway demo: {where}{exc.strerror or exc}", file=sys.stderr)
+        return 1
     finally:
         sim.terminate()
         try:

@@ -3,33 +3,49 @@
 ``Command=Start``/``Stop`` open and close the PVS's installer "configuration
 session"; the Prometheus exporter calls them around every scrape, so they are
 answered here. ``/auth?login`` is the LocalAPI login: clients written for it
-send Basic credentials whose password is now a gateway API key, and get a
-gateway session cookie; the PVS's own password never reaches them.
+send Basic credentials whose password is a gateway API key (or, from
+``auth.allow_anonymous_from`` only, the PVS's own ``ssm_owner`` password) and
+get a gateway session cookie; the gateway's own PVS session never reaches
+them. A session ends at ``/auth?logout``, when its key does, or at its
+lifetime; it cannot renew itself (``gateway.auth.sessions``).
 """
 
 from __future__ import annotations
 
-import json
+import base64
+import binascii
+import hmac
+import ipaddress
+import logging
+from collections.abc import Awaitable, Callable, Sequence
 
 from starlette.types import Receive, Scope, Send
 
-from gateway.allowlist import Resource
+from gateway.allowlist import AUTH_PATH, Resource
 from gateway.auth import Principal
-from gateway.auth.sessions import SessionSigner
-from gateway.cache import ResponseCache
+from gateway.auth.keys import KeyStore
+from gateway.auth.sessions import SessionStore
+from gateway.cache import Lookup, ResponseCache
 from gateway.errors import GatewayError
-from gateway.proxy import DEVICE_LIST_KEY, LocalHandler
+from gateway.poller import start_supervisor
+from gateway.proxy import LocalHandler
 from gateway.pvsbody import dumps
 from gateway.responses import send_bytes, send_problem
+from gateway.scopes import client_ip, route_path
+from gateway.settings import UpstreamSettings
 
-_SUPERVISOR_FIELDS = ("SERIAL", "MODEL", "SWVER", "HWVER", "BUILD")
+log = logging.getLogger("gateway.auth")
 
 
-def session_control(cache: ResponseCache) -> LocalHandler:
+
+def session_control(cache: ResponseCache, lookup: Callable[[Resource], Awaitable[Lookup]] | None = None) -> LocalHandler:
+    """``Command=Start``/``Stop``, answered here: Start with the PVS's ``supervisor`` object, read
+    through the cache (``lookup``) even when the cache is cold."""
+
     async def handle(scope: Scope, receive: Receive, send: Send, resource: Resource) -> None:
         body: dict[str, object] = {"result": "succeed"}
         if resource.name == "Start":
-            supervisor = _supervisor_from_cache(cache)
+            supervisor = await start_supervisor(cache, lookup)
             if supervisor:
                 body["supervisor"] = supervisor
         await send_bytes(send, 200, dumps(body), [(b"cache-control", b"no-store")], head=scope["method"] == "HEAD")
@@ -37,36 +53,152 @@ def session_control(cache: ResponseCache) -> LocalHandler:
     return handle
 
 
-def _supervisor_from_cache(cache: ResponseCache) -> dict[str, str]:
-    entry = cache.peek(DEVICE_LIST_KEY)
-    if entry is None or entry.status != 200:
-        return {}
+PVS_USER = "ssm_owner"
+#: ``Principal.method`` of a caller admitted with the PVS's own LocalAPI credentials.
+PVS_METHOD = "pvs_login"
+#: Login answers that hand out a session: only real credentials may ask (a session cannot renew itself).
+_LOGIN_METHODS = ("api_key", PVS_METHOD)
+
+
+class PVSLogin:
+    """The PVS's own LocalAPI login, accepted from ``auth.allow_anonymous_from`` only (SPEC §2).
+
+    LAN clients configured for the PVS (homebridge-pvs6, scripts) send
+    ``GET /auth?login`` with Basic ``ssm_owner:<password>``; the password is
+    ``upstream.password`` if set, else the last five characters of the serial
+    (``upstream.serial``, or the one the gateway learned from the PVS). Those
+    addresses already read as anonymous viewers, so the login gives nothing
+    more: a viewer session. From anywhere else these credentials are just
+    wrong credentials (401, counted as a failure), because anyone on the PVS's
+    network can read the serial.
+    """
+
+    def __init__(self, upstream: UpstreamSettings, anonymous_from: Sequence[str], serial: Callable[[], str] = lambda: "") -> None:
+        self._upstream = upstream
+        self._networks = tuple(ipaddress.ip_network(cidr, strict=False) for cidr in anonymous_from)
+        self._learned_serial = serial
+
+    def password(self) -> str:
+        """The LocalAPI password, or "" when none is known (then no PVS login is accepted)."""
+        configured = self._upstream.password.get()
+        if configured:
+            return configured
+        serial = self._upstream.serial or self._learned_serial() or ""
+        return serial[-5:] if len(serial) >= 5 else ""
+
+    def from_lan(self, ip: str) -> bool:
+        """True if ``ip`` is in ``auth.allow_anonymous_from``."""
+        if not self._networks:
+            return False
+        try:
+            address = ipaddress.ip_address(ip)
+        except ValueError:
+            return False
+        if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+            address = address.ipv4_mapped
+        return any(address in net for net in self._networks)
+
+    def allowed(self, scope: Scope, user: str, password: str) -> bool:
+        """True when ``user:password`` (Basic) on this ``/auth?login`` request is the PVS login from the LAN.
+
+        For the auth middleware: call it on ``/auth`` before treating the
+        password as an API key; True means "admit as ``principal(scope)``",
+        not a failure.
+        """
+        if not self._networks or route_path(scope) != AUTH_PATH or scope.get("query_string") not in (b"login", b"login="):
+            return False
+        expected = self.password()
+        if not expected or not self.from_lan(client_ip(scope)):
+            return False
+        ok_user = hmac.compare_digest(user.encode(), PVS_USER.encode())
+        ok_password = hmac.compare_digest(password.encode(), expected.encode())
+        return ok_user and ok_password
+
+    def principal(self, scope: Scope) -> Principal:
+        return Principal(f"pvs:{client_ip(scope)}", PVS_USER, "viewer", PVS_METHOD)
+
+    def from_scope(self, scope: Scope) -> Principal | None:
+        """The PVS-login principal for this request's own Basic header, if it is one."""
+        credentials = _basic_credentials(scope)
+        if credentials is None or not self.allowed(scope, *credentials):
+            return None
+        return self.principal(scope)
+
+
+def _basic_credentials(scope: Scope) -> tuple[str, str] | None:
+    values = [v for k, v in scope["headers"] if k == b"authorization"]
+    if len(values) != 1:
+        return None
+    scheme, _, encoded = values[0].decode("latin-1").strip().partition(" ")
+    if scheme.lower() != "basic":
+        return None
     try:
-        devices = json.loads(entry.body).get("devices", [])
-        pvs = next(d for d in devices if d.get("DEVICE_TYPE") == "PVS")
-    except (ValueError, AttributeError, StopIteration):
-        return {}
-    return {k: str(pvs[k]) for k in _SUPERVISOR_FIELDS if k in pvs}
+        decoded = base64.b64decode(encoded.strip(), validate=True).decode("utf-8")
+    except (binascii.Error, UnicodeDecodeError):
+        return None
+    user, sep, password = decoded.partition(":")
+    return (user, password) if sep else None
 
 
-def login(signer: SessionSigner, lifetime: float) -> LocalHandler:
+def session_principal(store: SessionStore, keys: KeyStore, pvs: PVSLogin | None = None) -> Callable[..., Principal | None]:
+    """``session(token, ip=None)``: the caller a ``session`` cookie stands for, or None.
+
+    A key's session lives only while the key does (revoked, rotated or expired:
+    refused at once). A PVS-login session is a viewer, and when the caller's
+    address is given it must still be one of ``auth.allow_anonymous_from``.
+    """
+
+    def session(token: str, ip: str | None = None) -> Principal | None:
+        found = store.verify(token)
+        if found is None:
+            return None
+        kind, _, rest = found.subject.partition(":")
+        if kind == "key":
+            record = keys.lookup(rest)
+            if record is None:
+                return None
+            keys.record_use(record.id)
+            p = keys.principal(record)
+            return Principal(p.id, p.name, p.role, "session", p.rate_limit)
+        if kind == "pvs" and pvs is not None:
+            if ip is not None and not pvs.from_lan(ip):
+                return None
+            return Principal(found.subject, PVS_USER, "viewer", "session")
+        return None
+
+    return session
+
+
+def login(store: SessionStore, lifetime: float, pvs: PVSLogin | None = None) -> LocalHandler:
+    """``/auth?login`` and ``/auth?logout``, answered as the PVS does (SPEC §3)."""
+
     async def handle(scope: Scope, receive: Receive, send: Send, resource: Resource) -> None:
         state = scope.get("state", {})
         head = scope["method"] == "HEAD"
         secure = "; Secure" if scope.get("scheme") == "https" else ""
         if resource.name == "auth.logout":
+            token = _cookie(scope, "session")
+            if token:
+                ended = await store.revoke_token(token)
+                if ended is not None:
+                    log.info("session of %s ended at logout", ended.subject)
             cookie = f"session=; Path=/; Max-Age=0; HttpOnly; SameSite=Strict{secure}"
             await send({"type": "http.response.start", "status": 204, "headers": [(b"set-cookie", cookie.encode())]})
             await send({"type": "http.response.body", "body": b""})
             return
         principal: Principal | None = state.get("principal")
-        if principal is None or principal.method not in ("api_key", "session"):
-            error = state.get("auth_error") or GatewayError("send Basic credentials whose password is an API key", status=401)
+        if (principal is None or principal.method == "anonymous") and pvs is not None:
+            # Until the auth middleware asks PVSLogin itself, it refused these credentials: ask here.
+            principal = pvs.from_scope(scope) or principal
+        if principal is None or principal.method not in _LOGIN_METHODS:
+            if principal is not None and principal.method == "session":
+                error = GatewayError("a session cannot renew itself: log in with credentials (Basic, the password an API key)", status=401)
+            else:
+                error = state.get("auth_error") or GatewayError("send Basic credentials whose password is an API key", status=401)
             error.headers = [("WWW-Authenticate", 'Basic realm="pvs-gateway", charset="UTF-8"')]
             await send_problem(send, error, head=head)
             return
-        kid = principal.id.removeprefix("key:")
-        token = signer.issue(kid, lifetime)
+        _, token = store.issue(principal.id, lifetime)  # "key:<kid>" or "pvs:<address>": see session_principal
         cookie = f"session={token}; Path=/; Max-Age={int(lifetime)}; HttpOnly; SameSite=Strict{secure}"
         await send_bytes(
             send,
@@ -77,3 +209,14 @@ def login(signer: SessionSigner, lifetime: float) -> LocalHandler:
         )
 
     return handle
+
+
+def _cookie(scope: Scope, name: str) -> str | None:
+    for key, value in scope["headers"]:
+        if key != b"cookie":
+            continue
+        for part in value.decode("latin-1").split(";"):
+            k, _, v = part.strip().partition("=")
+            if k == name and v:
+                return v
+    return None

@@ -239,6 +239,14 @@ class CertificateExpiry:
             return None
         return self._value
 
+    def renewal_failures(self) -> int | None:
+        """Renewals of the served leaf that could not be written (full disk, read-only cert_dir)."""
+        if self._path is None:
+            return None
+        from gateway.tls import renewal_failures
+
+        return renewal_failures(self._path.parent)
+
 
 def _gauge(name: str, doc: str, value: float | None) -> Iterator[Metric]:
     if value is not None:
@@ -290,6 +298,13 @@ class GatewayCollector:
             "When the served TLS certificate expires (Unix time)",
             self._certificate.not_after(),
         )
+        failures = self._certificate.renewal_failures()
+        if failures is not None:
+            yield _counter(
+                "certificate_renewal_failures",
+                "Leaf certificate renewals that could not be written; the current leaf stays in service",
+                failures,
+            )
 
     def _cache_metrics(self) -> Iterator[Metric]:
         s = self._cache.stats

@@ -325,7 +325,10 @@ def datatime(value: Any) -> float | None:
     """Legacy ``"YYYY,MM,DD,HH,MM,SS"`` (UTC) -> Unix seconds."""
     try:
         parts = [int(p) for p in str(value).split(",")]
-        return float(calendar.timegm(dt.datetime(*parts[:6]).timetuple())) if len(parts) == 6 else None
+        if len(parts) != 6:
+            return None
+        year, month, day, hour, minute, second = parts
+        return float(calendar.timegm(dt.datetime(year, month, day, hour, minute, second).timetuple()))
     except (TypeError, ValueError):
         return None
 
@@ -422,3 +425,36 @@ def devices_json(site: Site) -> dict[str, Any]:
         "meters": [meter_json(m) for m in site.meters],
         "inverters": [inverter_json(i) for i in site.inverters],
     }
+
+
+# -- the answer to Command=Start -------------------------------------------------------
+
+_BUILD = re.compile(r"Build\s+(\d+)")
+
+
+def supervisor_from_info(body: Any) -> dict[str, Any]:
+    """The ``supervisor`` object of a ``dl_cgi/supervisor/info`` answer: the PVS puts the
+    same object in its answer to ``Command=Start`` (samples: Start build 61839; PVS-API.md
+    §2), so it is used as is. {} if the body holds none."""
+    sup = body.get("supervisor") if isinstance(body, dict) else None
+    return dict(sup) if isinstance(sup, dict) and sup else {}
+
+
+def supervisor_from_device_list(body: Any) -> dict[str, Any]:
+    """A ``supervisor`` object built from the PVS entry of a DeviceList, in Start's types.
+
+    That entry names the model "PV Supervisor PVS6" where Start says "PVS6", and has no
+    ``BUILD``: it is read from ``SWVER`` ("2025.06, Build 61839"), a number as in Start
+    (sungazer's model types it int). Fields the entry lacks are left out, never invented.
+    """
+    devices = body.get("devices") if isinstance(body, dict) else None
+    pvs = next((d for d in devices or () if isinstance(d, dict) and d.get("DEVICE_TYPE") == "PVS"), None)
+    if pvs is None:
+        return {}
+    sup: dict[str, Any] = {k: str(pvs[k]) for k in ("SWVER", "SERIAL", "MODEL", "HWVER") if pvs.get(k) is not None}
+    if "MODEL" in sup:
+        sup["MODEL"] = sup["MODEL"].removeprefix("PV Supervisor ").strip()
+    build = _BUILD.search(sup.get("SWVER", ""))
+    if build:
+        sup["BUILD"] = int(build.group(1))
+    return sup

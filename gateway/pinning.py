@@ -7,6 +7,9 @@ connection presenting another one is closed right after the handshake, before
 httpcore writes a single request byte. The check sits in an httpcore network
 backend wrapper because that is the one place between "handshake done" and
 "request written" that httpx lets us reach.
+
+Problems with the pin file are logged with its path; what a client sees (the
+502's problem details) names no server path.
 """
 
 from __future__ import annotations
@@ -26,8 +29,8 @@ import httpcore
 import httpx
 from cryptography import x509
 
-from gateway.files import write_atomic
 from gateway.errors import UpstreamTLSError
+from gateway.files import write_atomic
 
 log = logging.getLogger("gateway.pinning")
 
@@ -70,17 +73,28 @@ def _subject(der: bytes) -> str:
 # ---------------------------------------------------------------- pin file
 
 
+class PinFileError(Exception):
+    """The pin file exists but cannot be used; the message names it (for logs and the CLI only)."""
+
+
+# What a caller is told when the pin file is the problem: no server path (it goes to the log).
+PIN_UNUSABLE = (
+    "The gateway cannot use its stored PVS certificate pin, so it did not talk to the PVS. "
+    f"The gateway's log says why; an admin fixes the file or runs `{TRUST_COMMAND}`."
+)
+
+
 def read_pin(pin_file: Path) -> dict[str, Any] | None:
-    """The stored pin, or None if there is none yet. A damaged file raises (fail closed)."""
+    """The stored pin, or None if there is none yet. A damaged file raises ``PinFileError`` (fail closed)."""
     try:
         data = json.loads(Path(pin_file).read_text(encoding="utf-8"))
     except FileNotFoundError:
         return None
-    except (OSError, ValueError) as exc:
-        detail = f"cannot read the PVS certificate pin {pin_file}: {exc}; fix it or run `{TRUST_COMMAND}`"
-        raise UpstreamTLSError(detail) from exc
+    except (OSError, ValueError, RecursionError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
+        raise PinFileError(f"cannot read the PVS certificate pin {pin_file}: {reason}") from None
     if not isinstance(data, dict) or not isinstance(data.get("sha256"), str) or len(_normalize(data["sha256"])) != 64:
-        raise UpstreamTLSError(f"the PVS certificate pin {pin_file} has no valid sha256; run `{TRUST_COMMAND}`")
+        raise PinFileError(f"the PVS certificate pin {pin_file} has no valid sha256")
     return data
 
 
@@ -89,7 +103,7 @@ def write_pin(pin_file: Path, der: bytes, url: str) -> dict[str, Any]:
     pin_file = Path(pin_file)
     data = {
         "sha256": cert_fingerprint(der),
-        "first_seen": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "first_seen": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "subject": _subject(der),
         "url": url,
     }
@@ -97,33 +111,77 @@ def write_pin(pin_file: Path, der: bytes, url: str) -> dict[str, Any]:
     return data
 
 
+def _signature(path: Path) -> object:
+    """Which version of the file is there: "missing", (inode, mtime, size), or ("error", errno)."""
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return "missing"
+    except OSError as exc:
+        return ("error", exc.errno)
+    return (st.st_ino, st.st_mtime_ns, st.st_size)
+
+
 class _Pinner:
-    """Checks one handshake's certificate against the pin file (re-read on every new connection,
-    so `certs trust-pvs` run in another process takes effect without a restart)."""
+    """Checks one handshake's certificate against the pin.
+
+    The pin file is read again whenever it changes (checked on every new
+    connection, and on ``reload``), so `certs trust-pvs` run in another process
+    takes effect without a restart. A file that becomes unusable is logged once
+    and the pin loaded before stays in force; with none loaded, nothing is sent.
+    """
 
     def __init__(self, pin_file: Path, url: str) -> None:
         self.pin_file = Path(pin_file)
         self.url = url
         self._reported: set[tuple[str, str]] = set()
+        self._pin: str | None = None  # the fingerprint in force, as stored
+        self._loaded: object = None  # _signature of the file version _pin came from
+        self._bad: object = None  # _signature of a version that could not be used (logged once)
+
+    def reload(self, *, force: bool = False) -> None:
+        """Re-read the pin file if it changed (always, with ``force``). Never raises."""
+        signature = _signature(self.pin_file)
+        if not force and signature in (self._loaded, self._bad):
+            return
+        try:
+            data = read_pin(self.pin_file) if signature != "missing" else None
+        except PinFileError as exc:
+            if force or signature != self._bad:
+                keep = f"still trusting the pin loaded before, sha256={self._pin}" if self._pin else "nothing is sent to the PVS"
+                log.error("%s (%s); fix it or run `%s`", exc, keep, TRUST_COMMAND)
+            self._bad = signature
+            return
+        if data is None:
+            if self._pin is not None:
+                log.warning("the PVS certificate pin %s is gone: the next certificate seen will be pinned", self.pin_file)
+            self._pin = None
+        else:
+            self._pin = str(data["sha256"])
+        self._loaded, self._bad = signature, None
 
     def check(self, der: bytes | None) -> None:
         if not der:
             raise UpstreamTLSError("the PVS presented no TLS certificate")
-        pin = read_pin(self.pin_file)
+        self.reload()
         got = cert_fingerprint(der)
-        if pin is None:
+        if self._pin is None:
+            if self._bad is not None:
+                raise UpstreamTLSError(PIN_UNUSABLE)  # damaged, and no pin loaded before: fail closed
             try:
                 write_pin(self.pin_file, der, self.url)
             except OSError as exc:
                 # Without a stored pin, the next start would trust whatever it meets.
-                raise UpstreamTLSError(f"cannot store the PVS certificate pin {self.pin_file}: {exc}") from exc
+                log.error("cannot store the PVS certificate pin %s: %s; nothing is sent to the PVS", self.pin_file, exc.strerror or exc)
+                raise UpstreamTLSError(PIN_UNUSABLE) from None
+            self._pin, self._loaded = got, _signature(self.pin_file)
             log.warning(
                 "pinned PVS certificate sha256=%s (%s), trusted on first use; stored in %s", got, _subject(der), self.pin_file
             )
             return
-        if _normalize(pin["sha256"]) == _normalize(got):
+        if _normalize(self._pin) == _normalize(got):
             return
-        expected = str(pin["sha256"])
+        expected = self._pin
         key = (_normalize(expected), _normalize(got))
         if key not in self._reported:  # once per presented certificate, not per request
             self._reported.add(key)
@@ -226,10 +284,23 @@ def ca_context(ca_file: str | Path) -> ssl.SSLContext:
     """Full verification (chain and host name) against the given CA file only."""
     try:
         ctx = ssl.create_default_context(cafile=str(ca_file))
-    except (OSError, ssl.SSLError) as exc:
-        raise UpstreamTLSError(f"cannot load upstream.ca_file {ca_file}: {exc}") from exc
+    except (OSError, ssl.SSLError) as exc:  # raised at start, never to a client
+        reason = exc.strerror or getattr(exc, "reason", None) or exc
+        raise UpstreamTLSError(f"upstream.ca_file: cannot load {ca_file}: {reason}") from None
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     return ctx
+
+
+class PinningTransport(httpx.AsyncHTTPTransport):
+    """httpx's transport, plus ``reload_pin`` for SIGHUP (a no-op unless in "pin" mode)."""
+
+    pinner: _Pinner | None = None
+
+    def reload_pin(self) -> None:
+        """Re-read the pin file now. Synchronous, never raises: a problem is one log line
+        naming the file, and the pin loaded before stays in force."""
+        if self.pinner is not None:
+            self.pinner.reload(force=True)
 
 
 def make_transport(
@@ -240,18 +311,20 @@ def make_transport(
     ca_file: str = "",
     connect_timeout: float,
     limits: httpx.Limits | None = None,
-) -> httpx.AsyncBaseTransport:
+) -> PinningTransport:
     """The httpx transport for talking to the PVS at ``url`` under ``mode`` ("pin" | "ca" | "off")."""
     if mode not in MODES:
         raise ValueError(f"upstream.verify_tls must be one of {MODES} (got {mode!r})")
     limits = limits or httpx.Limits(max_connections=100, max_keepalive_connections=20)  # httpx's own default
     https = urllib.parse.urlsplit(url).scheme == "https"
     check: _Check | None = None
+    pinner: _Pinner | None = None
     if not https:
         ssl_context = unverified_context()  # never used: http:// has no handshake
     elif mode == "pin":
         ssl_context = unverified_context()
-        check = _Pinner(pin_file, url).check
+        pinner = _Pinner(pin_file, url)
+        check = pinner.check
     elif mode == "ca":
         ssl_context = ca_context(ca_file)
     else:
@@ -260,7 +333,8 @@ def make_transport(
             "upstream.verify_tls = \"off\": the PVS certificate is not checked; anyone on the path can read the PVS password"
         )
 
-    transport = httpx.AsyncHTTPTransport(verify=ssl_context, limits=limits, trust_env=False)
+    transport = PinningTransport(verify=ssl_context, limits=limits, trust_env=False)
+    transport.pinner = pinner
     # httpx 0.28 has no public way to pass an httpcore network backend, so the pool it
     # built is replaced by an identical one that has ours. tests/test_pinning.py guards
     # this private attribute; pyproject pins httpx < 0.29 for it.
@@ -308,7 +382,7 @@ def accept_current(url: str, pin_file: Path, *, timeout: float = 10.0) -> str:
     """Pin whatever certificate the PVS presents now (``certs trust-pvs``); returns its fingerprint."""
     try:
         old = read_pin(pin_file)
-    except UpstreamTLSError:
+    except PinFileError:
         old = None  # a damaged pin file is exactly what this command repairs
     der = _fetch_der(url, timeout)
     fp = write_pin(pin_file, der, url)["sha256"]

@@ -87,26 +87,6 @@ class Proxy:
             return
         await send_prepared(send, *self._answer(scope, lookup))
 
-    def fresh_now(self, scope: Scope) -> tuple[str, Lookup] | None:
-        """The request's resource key and fresh cache hit, found without an await or a side effect.
-
-        For the hot path. None for anything else (not allowed, a local command, a
-        ``cache=`` alias, missing or stale in the cache): ``__call__`` answers those.
-        """
-        try:
-            resource = self._classify(scope)
-        except GatewayError:
-            return None
-        if resource.kind == "local" or resource.cache_id is not None:
-            return None
-        lookup = self._cache.fresh(resource.key)
-        return (resource.key, lookup) if lookup is not None else None
-
-    def answer_now(self, scope: Scope, key: str, lookup: Lookup) -> tuple[int, list[Header], bytes]:
-        """What ``__call__`` sends for the hit ``fresh_now`` found: status, fields, body."""
-        self._cache.count_hit(key)
-        return self._answer(scope, lookup)
-
     def _answer(self, scope: Scope, lookup: Lookup) -> tuple[int, list[Header], bytes]:
         scope.setdefault("state", {})["gateway.cache"] = lookup.cache_status
         entry = lookup.entry
@@ -155,11 +135,7 @@ class Proxy:
 
     def _answer_headers(self, lookup: Lookup) -> list[Header]:
         entry = lookup.entry
-        return [
-            (b"content-type", JSON),
-            (b"content-length", b"%d" % len(entry.body)),
-            *self._headers(lookup),
-        ]
+        return [(b"content-type", JSON), (b"content-length", b"%d" % len(entry.body)), *self._headers(lookup)]
 
     def _headers(self, lookup: Lookup) -> list[Header]:
         entry = lookup.entry

@@ -9,9 +9,10 @@ from typing import Any
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from gateway import __version__
+from gateway import __version__, edge
 from gateway.auth import Principal
 from gateway.cache import ResponseCache
+from gateway.edge import Connections
 from gateway.health import UpstreamHealth
 from gateway.upstream import UpstreamClient
 
@@ -64,8 +65,7 @@ def stats(
     per_identity: dict[str, dict[str, int]],
     started: float,
     timings: Callable[[], dict[str, dict[str, float]]] | None = None,
-    hot_answered: Callable[[], int | None] = lambda: None,
-    hot_repeats: Callable[[], int | None] = lambda: None,
+    connections: Connections | None = None,
 ) -> Callable[[Request], Any]:
     async def endpoint(request: Request) -> Response:
         s = cache.stats
@@ -94,18 +94,42 @@ def stats(
                 "timings": timings() if timings is not None else None,
             },
             "identities": per_identity,
-            # Cache hits answered by gateway.hotpath (None: hot_path off); the rest went through ASGI.
-            "hot_path_answered": hot_answered(),
-            # Requests whose bytes repeated their connection's previous request: not parsed again.
-            "hot_path_repeats": hot_repeats(),
+            "connections": edge.stats(connections) if connections is not None else None,
         }
         return JSONResponse(body, headers=NO_STORE)
 
     return endpoint
 
 
-async def verify(request: Request) -> Response:
-    """Traefik ForwardAuth: 200 with identity headers, else 401 (403/429 come from the middleware)."""
+def verify(methods: tuple[str, ...] = ()) -> Callable[[Request], Awaitable[Response]]:
+    """Traefik ForwardAuth: 200 with identity headers, else 401 (403/429 come from the middleware).
+
+    ForwardAuth checks who calls, not what they do to the service behind it: with
+    ``methods`` (``auth.forward_auth_methods``) a request whose ``X-Forwarded-Method``
+    is not among them gets 403, for services that must stay read-only.
+    """
+    allowed = frozenset(m.upper() for m in methods)
+
+    async def endpoint(request: Request) -> Response:
+        forwarded = request.headers.get("x-forwarded-method", "GET").upper()
+        if allowed and forwarded not in allowed:
+            return JSONResponse(
+                {
+                    "type": "about:blank",
+                    "title": "Forbidden",
+                    "status": 403,
+                    "detail": f"{forwarded[:16]} is not allowed through this gateway ({', '.join(sorted(allowed))} only)",
+                },
+                status_code=403,
+                media_type="application/problem+json",
+                headers=NO_STORE,
+            )
+        return await _verify(request)
+
+    return endpoint
+
+
+async def _verify(request: Request) -> Response:
     principal: Principal | None = request.scope.get("state", {}).get("principal")
     if principal is None:
         error = request.scope.get("state", {}).get("auth_error")

@@ -109,8 +109,8 @@ class ServerSettings:
     hostnames: tuple[str, ...] = ()
     trusted_proxies: tuple[str, ...] = field(default=(), metadata=_check(_cidrs))
     root_path: str = ""
-    # Plain-HTTP listener that only redirects to HTTPS (0 = off).
-    http_redirect_port: int = field(default=0, metadata=_check(_port))
+    # Plain-HTTP LAN listener (0 = none): the PVS paths for allow_anonymous_from, else 308 to HTTPS.
+    http_port: int = field(default=0, metadata=_check(_port))
     hsts_max_age: int = field(default=31536000, metadata=_check(_at_least(0)))
     # Leaf certificates are renewed when fewer than this many days remain.
     cert_renew_days: int = field(default=30, metadata=_check(_at_least(1)))
@@ -121,13 +121,16 @@ class ServerSettings:
     max_query_params: int = field(default=16, metadata=_check(_at_least(1)))
     max_header_count: int = field(default=64, metadata=_check(_at_least(8)))
     max_header_bytes: int = field(default=16384, metadata=_check(_at_least(1024)))
-    # Seconds an idle keep-alive connection is held, and a slow client may take.
+    # Seconds an idle connection is held, a request head may take from its first byte, and a
+    # client may leave its answer unread.
     keepalive_timeout: float = field(default=15.0, metadata=_check(_at_least(1)))
+    # Open client connections at once: all together, and from one address (more are refused at once).
+    max_connections: int = field(default=1024, metadata=_check(_at_least(1)))
+    max_connections_per_ip: int = field(default=64, metadata=_check(_at_least(1)))
+    tls_handshake_timeout: float = field(default=10.0, metadata=_check(_at_least(0.5)))
     # Opt-in: a header set by a trusted front auth proxy (e.g. "Remote-User").
     proxy_user_header: str = ""
     proxy_groups_header: str = ""
-    # Fresh cache hits answered without an ASGI task (gateway.hotpath); same answers, less CPU.
-    hot_path: bool = True
 
 
 @dataclass(frozen=True)
@@ -155,6 +158,10 @@ class UpstreamSettings:
     keepalive_interval: float = field(default=0.0, metadata=_check(_at_least(0)))
     # LocalAPI: re-login after this many seconds even if the session still works.
     session_max_age: float = field(default=600.0, metadata=_check(_at_least(10)))
+    # LocalAPI: the PVS's telemetry WebSocket (plain ws://, host from url), 0 = none (gateway.telemetry).
+    ws_port: int = field(default=9002, metadata=_check(_port))
+    # Turn the PVS's telemetry on at start if it is off: the only write the gateway ever makes.
+    enable_telemetry: bool = False
     # After a request times out, the PVS may still be working on it: its slot stays held until
     # the PVS answers or this many more seconds pass (the answer still fills the cache).
     busy_hold: float = field(default=60.0, metadata=_check(_at_least(0)))
@@ -208,6 +215,8 @@ class OIDCSettings:
     jwks_max_age: float = field(default=3600.0, metadata=_check(_at_least(1)))
     session_lifetime: float = field(default=8 * 3600.0, metadata=_check(_at_least(60)))
     timeout: float = field(default=10.0, metadata=_check(_at_least(0.1)))
+    # A browser login's groups are asked again at most this long after the last answer (role changes, removals).
+    recheck_interval: float = field(default=300.0, metadata=_check(_at_least(10)))
 
 
 @dataclass(frozen=True)
@@ -218,6 +227,9 @@ class AuthSettings:
     # Signs gateway session cookies; generated into cert_dir when empty.
     session_secret: Secret = field(default_factory=Secret)
     session_lifetime: float = field(default=24 * 3600.0, metadata=_check(_at_least(60)))
+    # Methods /auth/verify (Traefik ForwardAuth) admits for the service behind it, from
+    # X-Forwarded-Method; empty = any (it checks identity, not method).
+    forward_auth_methods: tuple[str, ...] = ()
     # Who may read /metrics: "admin" (default), "viewer" or "anonymous".
     metrics_role: str = field(default="admin", metadata=_check(_one_of("admin", "viewer", "anonymous")))
     oidc: OIDCSettings = field(default_factory=OIDCSettings)
@@ -230,14 +242,36 @@ class RateLimitSettings:
     auth_failures: str = field(default="10/10minutes", metadata=_check(_rate))
     # Per-role overrides, e.g. {admin = "600/minute"}.
     roles: Mapping[str, str] = field(default_factory=dict)
-    # "memory://" or a ``limits`` storage URI such as "redis://127.0.0.1:6379".
-    storage: str = "memory://"
 
 
 @dataclass(frozen=True)
 class ClusterSettings:
     # "redis://host:6379/0": every gateway on the same Redis shares cache, budget, limits, sessions.
     redis_url: Secret = field(default_factory=Secret)
+
+
+@dataclass(frozen=True)
+class HistorySettings:
+    # Recorded site data (SQLite, WAL); "" = none. Shared through Redis when cluster.redis_url is set.
+    path: str = "history.sqlite3"
+    # At most one sample per interval (the newest data then), none while there is no new data.
+    interval: float = field(default=60.0, metadata=_check(_at_least(1)))
+    retention_days: float = field(default=400.0, metadata=_check(_at_least(1)))
+
+
+@dataclass(frozen=True)
+class LiveSettings:
+    # /api/v1/live listeners at once: all together, and per identity (more get 429).
+    max_listeners: int = field(default=200, metadata=_check(_at_least(1)))
+    max_listeners_per_identity: int = field(default=4, metadata=_check(_at_least(1)))
+    # Events held for a listener that is behind; one more and it is disconnected.
+    queue_size: int = field(default=16, metadata=_check(_at_least(1)))
+    # A listener whose connection takes no data for this long is disconnected.
+    write_timeout: float = field(default=30.0, metadata=_check(_at_least(0.1)))
+    # Seconds between comment lines on a quiet stream (SPEC: at most 30).
+    heartbeat: float = field(default=10.0, metadata=_check(_at_least(0.1)))
+    # A stream ends after this long (the browser reconnects), so revoked credentials stop streaming.
+    max_duration: float = field(default=600.0, metadata=_check(_at_least(1)))
 
 
 @dataclass(frozen=True)
@@ -248,6 +282,8 @@ class Settings:
     auth: AuthSettings = field(default_factory=AuthSettings)
     ratelimit: RateLimitSettings = field(default_factory=RateLimitSettings)
     cluster: ClusterSettings = field(default_factory=ClusterSettings)
+    history: HistorySettings = field(default_factory=HistorySettings)
+    live: LiveSettings = field(default_factory=LiveSettings)
     # Where relative paths (cert_dir, keys_file) are resolved: the config file's folder.
     base_dir: str = field(default=".", metadata={"internal": True})
 
@@ -565,13 +601,11 @@ def validate(s: Settings) -> list[str]:
         problems.append("cluster.redis_url: must be a redis://, rediss:// or unix:// URL")
     elif redis_url and importlib.util.find_spec("redis") is None:
         problems.append("cluster.redis_url: Redis needs the redis client: pip install 'pvs-gateway[redis]'")
-    if not s.ratelimit.storage.startswith(("memory://", "redis://", "rediss://", "async+redis://")):
-        problems.append("ratelimit.storage: must be memory:// or a redis:// URI")
-    elif "redis" in s.ratelimit.storage and importlib.util.find_spec("redis") is None:
-        problems.append("ratelimit.storage: Redis needs the redis client: pip install 'pvs-gateway[redis]'")
     secret = s.auth.session_secret.get()
     if secret and len(secret.encode()) < 16:
         problems.append("auth.session_secret: must be at least 16 bytes (or leave it empty to generate one)")
+    if s.live.heartbeat > 30:
+        problems.append("live.heartbeat: must be <= 30 (proxies close quiet streams)")
     for key, ttl in s.cache.ttl.items():
         if isinstance(ttl, (int, float)) and ttl < 0:
             problems.append(f"cache.ttl.{key}: must be >= 0")

@@ -79,7 +79,7 @@ class Shared:
             self._probing = True
         try:
             result = await op(redis)
-        except Exception as exc:  # noqa: BLE001 -- redis-py raises ConnectionError, TimeoutError, OSError, ...
+        except Exception as exc:  # redis-py raises ConnectionError, TimeoutError, OSError, ...
             self._down_until = self._clock() + RETRY_AFTER
             # Drop every pooled connection: those to a Redis that went away would each fail once
             # more after it returns, and each failure would count as a new outage.
@@ -142,10 +142,10 @@ class Lease:
         return await self._shared.run(op)
 
     async def renew(self) -> None:
-        await self._shared.run(lambda r: r.eval(self._RENEW, 1, self.key, self.token, self._ttl_ms))  # type: ignore[no-untyped-call]
+        await self._shared.run(lambda r: r.eval(self._RENEW, 1, self.key, self.token, self._ttl_ms))
 
     async def release(self) -> None:
-        await self._shared.run(lambda r: r.eval(self._RELEASE, 1, self.key, self.token))  # type: ignore[no-untyped-call]
+        await self._shared.run(lambda r: r.eval(self._RELEASE, 1, self.key, self.token))
 
     async def held_by_other(self) -> bool | None:
         """Whether someone holds the lock now (None: Redis unavailable)."""

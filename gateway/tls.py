@@ -13,6 +13,7 @@ says whose it is, so a user reviewing their trust store knows what it is.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import ipaddress
 import logging
@@ -22,7 +23,7 @@ import socket
 import ssl
 import threading
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,7 +34,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from gateway.files import write_atomic
+from gateway.files import flocked, write_atomic_all
 from gateway.settings import ServerSettings, Settings
 
 log = logging.getLogger("gateway.tls")
@@ -42,6 +43,10 @@ CA_CERT = "ca.pem"
 CA_KEY = "ca.key"
 LEAF_CERT = "leaf.pem"
 LEAF_KEY = "leaf.key"
+# Held while certificates are checked and made, so gateways sharing one cert_dir
+# (a cluster, or serve next to `certs renew`) never make two CAs.
+LOCK_FILE = ".certs.lock"
+LOCK_TIMEOUT = 30.0
 
 CA_DAYS = 3650
 # Apple and browsers refuse leaves valid for more than 398 days; 90 keeps renewal routine.
@@ -68,7 +73,21 @@ SanSet = frozenset[tuple[str, str]]  # {("dns", "localhost"), ("ip", "127.0.0.1"
 
 
 class TLSSetupError(Exception):
-    """Certificates cannot be created or loaded; the message says what to do."""
+    """Certificates cannot be created or loaded; the message (one line, naming the file) says what to do."""
+
+
+class CertWriteError(TLSSetupError):
+    """A certificate or key could not be written (full disk, read-only directory)."""
+
+
+# Leaf renewals that could not be written, by cert_dir: pvsgw_certificate_renewal_failures_total.
+# Kept per directory, not per object, because the TLS object (server) and the metrics (app) are built apart.
+_renewal_failures: dict[str, int] = {}
+
+
+def renewal_failures(cert_dir: Path | str) -> int:
+    """How many leaf renewals in ``cert_dir`` failed to be written since this process started."""
+    return _renewal_failures.get(str(Path(cert_dir).resolve()), 0)
 
 
 @dataclass(frozen=True)
@@ -187,36 +206,46 @@ def _cert_sans(cert: x509.Certificate) -> SanSet:
 # ---------------------------------------------------------------- files
 
 
-def _write_atomic(path: Path, data: bytes, mode: int) -> None:
-    write_atomic(path, data, mode=mode)
+def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
+    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
 
 
-def _write_key(path: Path, key: ec.EllipticCurvePrivateKey) -> None:
-    pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
-    _write_atomic(path, pem, 0o600)
+def _write_pair(cert_path: Path, cert: x509.Certificate, key_path: Path, key: ec.EllipticCurvePrivateKey) -> None:
+    """Write a certificate and its key; on failure neither file is replaced."""
+    try:
+        # Key first: a reader catching the pair between the two renames gets a mismatch
+        # and retries, never a cert whose key is gone.
+        write_atomic_all([(key_path, _key_pem(key), 0o600), (cert_path, cert.public_bytes(serialization.Encoding.PEM), 0o644)])
+    except OSError as exc:
+        raise CertWriteError(f"cannot write {exc.filename or cert_path}: {exc.strerror or exc}") from None
 
 
-def _write_cert(path: Path, cert: x509.Certificate) -> None:
-    _write_atomic(path, cert.public_bytes(serialization.Encoding.PEM), 0o644)
+def _unreadable(path: Path, what: str, exc: BaseException | None) -> TLSSetupError:
+    detail = f" ({exc.strerror})" if isinstance(exc, OSError) and exc.strerror else ""
+    return TLSSetupError(f"{path} is not a readable {what}{detail}")
 
 
 def _load_cert(path: Path) -> x509.Certificate | None:
+    """The certificate in ``path``; None if there is no such file; TLSSetupError naming it if it is damaged."""
     try:
         return x509.load_pem_x509_certificate(path.read_bytes())
     except FileNotFoundError:
         return None
-    except ValueError:
-        return None
+    except (OSError, ValueError) as exc:
+        raise _unreadable(path, "PEM certificate", exc) from None
 
 
 def _load_key(path: Path) -> ec.EllipticCurvePrivateKey | None:
+    """The EC private key in ``path``; None if there is no such file; TLSSetupError naming it if it is damaged."""
     try:
         key = serialization.load_pem_private_key(path.read_bytes(), password=None)
     except FileNotFoundError:
         return None
-    except (ValueError, TypeError):
-        return None
-    return key if isinstance(key, ec.EllipticCurvePrivateKey) else None
+    except (OSError, ValueError, TypeError) as exc:
+        raise _unreadable(path, "PEM private key", exc) from None
+    if not isinstance(key, ec.EllipticCurvePrivateKey):
+        raise _unreadable(path, "EC private key", None)
+    return key
 
 
 def _same_key(cert: x509.Certificate, key: ec.EllipticCurvePrivateKey) -> bool:
@@ -225,8 +254,24 @@ def _same_key(cert: x509.Certificate, key: ec.EllipticCurvePrivateKey) -> bool:
 
 
 def _ensure_dir(cert_dir: Path) -> None:
-    if not cert_dir.exists():
-        cert_dir.mkdir(mode=0o700, parents=True)
+    try:
+        cert_dir.mkdir(mode=0o700, parents=True, exist_ok=True)  # exist_ok: gateways started together
+    except OSError as exc:
+        raise CertWriteError(f"cannot create {cert_dir}: {exc.strerror or exc}") from None
+
+
+@contextlib.contextmanager
+def _cert_dir_lock(cert_dir: Path) -> Iterator[None]:
+    with contextlib.ExitStack() as stack:
+        try:
+            stack.enter_context(flocked(cert_dir / LOCK_FILE, timeout=LOCK_TIMEOUT))
+        except TimeoutError:
+            raise TLSSetupError(f"{cert_dir / LOCK_FILE} is held by another process for over {LOCK_TIMEOUT:.0f} s") from None
+        except OSError:
+            # Where even the lock file cannot be created, nobody can write certificates
+            # either: go on reading; anything that must be written fails on its own.
+            pass
+        yield
 
 
 # ---------------------------------------------------------------- issuing
@@ -329,46 +374,58 @@ def _new_leaf(
 
 
 def _ensure_ca(paths: CertPaths, now: dt.datetime) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
-    ca = _load_cert(paths.ca_cert)
-    key = _load_key(paths.ca_key)
+    """The CA, made only when neither of its files exists; never replaced (clients trust it)."""
+    new_ca = f"delete both {paths.ca_cert.name} and {paths.ca_key.name} to make a new CA (every device must then trust the new one)"
+    try:
+        ca = _load_cert(paths.ca_cert)
+    except TLSSetupError as exc:
+        raise TLSSetupError(f"{exc}; restore it from a backup, or {new_ca}") from None
+    try:
+        key = _load_key(paths.ca_key)
+    except TLSSetupError as exc:
+        raise TLSSetupError(f"{exc}; restore it from a backup, or {new_ca}") from None
     if ca is not None and key is not None:
         if not _same_key(ca, key):
-            raise TLSSetupError(f"{paths.ca_key} does not belong to {paths.ca_cert}; restore the matching key")
+            raise TLSSetupError(f"{paths.ca_key} does not belong to {paths.ca_cert}; restore the matching key, or {new_ca}")
         return ca, key
-    if paths.ca_cert.exists():
-        # Users may already trust this CA; silently replacing it would break every client.
+    if ca is not None:
+        raise TLSSetupError(f"{paths.ca_key} is missing (the key of {paths.ca_cert}); restore it from a backup, or {new_ca}")
+    if key is not None:
+        # Devices may trust the CA this key belongs to: a new one would silently break them all.
         raise TLSSetupError(
-            f"{paths.ca_cert} exists but its key {paths.ca_key} is missing or unreadable; restore the key, "
-            f"or delete both files to create a new CA (clients must then trust the new one)"
+            f"{paths.ca_cert} is missing but its key {paths.ca_key} exists; restore {paths.ca_cert.name} "
+            f"(e.g. from `certs export-ca` output saved earlier), or delete {paths.ca_key} to make a new CA"
         )
-    # No CA certificate yet (a key alone is left over from an interrupted first run: nobody trusts it).
-    key = key or ec.generate_private_key(ec.SECP256R1())
+    key = ec.generate_private_key(ec.SECP256R1())
     ca = _new_ca(key, now)
-    _write_key(paths.ca_key, key)
-    _write_cert(paths.ca_cert, ca)
+    _write_pair(paths.ca_cert, ca, paths.ca_key, key)
     log.info("created local CA %s sha256=%s", ca.subject.rfc4514_string(), _fp(ca))
     return ca, key
 
 
 def _leaf_problem(
     paths: CertPaths, ca: x509.Certificate, sans: SanSet, renew_days: int, now: dt.datetime
-) -> str | None:
-    """Why the leaf needs re-issuing, or None if it is fine."""
-    leaf = _load_cert(paths.leaf_cert)
-    key = _load_key(paths.leaf_key)
+) -> tuple[str | None, bool]:
+    """Why the leaf needs re-issuing (None if it is fine), and whether it can still be served meanwhile."""
+    try:
+        leaf = _load_cert(paths.leaf_cert)
+        key = _load_key(paths.leaf_key)
+    except TLSSetupError as exc:
+        return str(exc), False  # ours to remake: nobody trusts a leaf directly
     if leaf is None or key is None:
-        return "missing"
+        return "missing", False
     if not _same_key(leaf, key):
-        return "key does not match"
+        return "key does not match", False
     try:
         leaf.verify_directly_issued_by(ca)
     except (ValueError, TypeError, InvalidSignature):
-        return "not signed by the current CA"
+        return "not signed by the current CA", False
+    valid = leaf.not_valid_before_utc <= now < leaf.not_valid_after_utc
     if leaf.not_valid_after_utc - now < dt.timedelta(days=renew_days):
-        return f"expires {leaf.not_valid_after_utc:%Y-%m-%d}"
+        return f"expires {leaf.not_valid_after_utc:%Y-%m-%d}", valid
     if _cert_sans(leaf) != sans:
-        return "host names changed"
-    return None
+        return "host names changed", valid
+    return None, valid
 
 
 def _primary_name(hostnames: Sequence[str]) -> str:
@@ -391,10 +448,7 @@ def _issue_leaf(
     sans = wanted_sans(hostnames)
     key = ec.generate_private_key(ec.SECP256R1())
     leaf = _new_leaf(ca, ca_key, key, sans, _primary_name(hostnames), now)
-    # Key first: a reader catching the pair between the two renames gets a mismatch
-    # and retries, never a cert whose key is gone.
-    _write_key(paths.leaf_key, key)
-    _write_cert(paths.leaf_cert, leaf)
+    _write_pair(paths.leaf_cert, leaf, paths.leaf_key, key)
     names = ", ".join(v for _, v in sorted(sans))
     until = leaf.not_valid_after_utc.isoformat()
     log.info("issued server certificate (%s) sha256=%s for %s, valid until %s", reason, _fp(leaf), names, until)
@@ -403,15 +457,29 @@ def _issue_leaf(
 def ensure_certificates(
     cert_dir: Path, hostnames: Sequence[str], *, renew_days: int = 30, now: dt.datetime | None = None
 ) -> CertPaths:
-    """Create the CA and leaf if needed; re-issue the leaf (never the CA) when due."""
+    """Create the CA and leaf if needed; re-issue the leaf (never the CA) when due.
+
+    A due renewal that cannot be written (full disk, read-only directory) leaves
+    a still-valid leaf in service: a warning, ``renewal_failures`` + 1, and the
+    next check tries again. Without a valid leaf it raises ``CertWriteError``.
+    """
     now = now or _utcnow()
     cert_dir = Path(cert_dir)
     _ensure_dir(cert_dir)
     paths = CertPaths.in_dir(cert_dir)
-    ca, ca_key = _ensure_ca(paths, now)
-    reason = _leaf_problem(paths, ca, wanted_sans(hostnames), renew_days, now)
-    if reason is not None:
-        _issue_leaf(paths, ca, ca_key, hostnames, now, reason)
+    with _cert_dir_lock(cert_dir):
+        ca, ca_key = _ensure_ca(paths, now)
+        reason, servable = _leaf_problem(paths, ca, wanted_sans(hostnames), renew_days, now)
+        if reason is None:
+            return paths
+        try:
+            _issue_leaf(paths, ca, ca_key, hostnames, now, reason)
+        except CertWriteError as exc:
+            if not servable:
+                raise
+            key = str(cert_dir.resolve())
+            _renewal_failures[key] = _renewal_failures.get(key, 0) + 1
+            log.warning("could not renew the server certificate (%s): %s; still serving the current one", reason, exc)
     return paths
 
 
@@ -421,9 +489,27 @@ def renew_leaf(cert_dir: Path, hostnames: Sequence[str], *, now: dt.datetime | N
     cert_dir = Path(cert_dir)
     _ensure_dir(cert_dir)
     paths = CertPaths.in_dir(cert_dir)
-    ca, ca_key = _ensure_ca(paths, now)
-    _issue_leaf(paths, ca, ca_key, hostnames, now, "renewed on request")
+    with _cert_dir_lock(cert_dir):
+        ca, ca_key = _ensure_ca(paths, now)
+        _issue_leaf(paths, ca, ca_key, hostnames, now, "renewed on request")
     return paths
+
+
+def check_cert_dir(cert_dir: Path) -> list[str]:
+    """What ``pvs-gateway check`` reports about the CA in ``cert_dir``, without changing anything.
+
+    The same rules ``ensure_certificates`` applies: a damaged or lone CA file, or
+    a key that does not belong to the certificate, stops ``serve``. Missing both
+    is fine (``serve`` makes them); a damaged leaf is fine too (it is remade).
+    """
+    paths = CertPaths.in_dir(Path(cert_dir))
+    if not paths.ca_cert.exists() and not paths.ca_key.exists():
+        return []
+    try:
+        _ensure_ca(paths, _utcnow())  # both files present or an error: never writes
+    except TLSSetupError as exc:
+        return [str(exc)]
+    return []
 
 
 # ---------------------------------------------------------------- inspection
@@ -502,10 +588,16 @@ def server_ssl_context(cert_file: Path | str, key_file: Path | str) -> ssl.SSLCo
     # Intermediate profile: every offered suite is strong, so let the client pick
     # (phones prefer ChaCha20 without AES hardware).
     ctx.options &= ~ssl.OP_CIPHER_SERVER_PREFERENCE
+    for path in (cert_file, key_file):  # OpenSSL's own error would not say which file
+        try:
+            Path(path).open("rb").close()
+        except OSError as exc:
+            raise TLSSetupError(f"cannot read {path}: {exc.strerror or exc}") from None
     try:
         ctx.load_cert_chain(str(cert_file), str(key_file))
-    except FileNotFoundError as exc:
-        raise TLSSetupError(f"cannot read {exc.filename}: {exc.strerror}") from exc
+    except (OSError, ssl.SSLError) as exc:  # damaged, or key and certificate differ
+        reason = getattr(exc, "reason", None) or exc
+        raise TLSSetupError(f"cannot use {cert_file} with {key_file}: {reason}") from None
     return ctx
 
 
@@ -603,7 +695,8 @@ class ReloadingServerTLS:
                 try:
                     self._renew_check()
                 except (OSError, TLSSetupError) as exc:
-                    log.error("cannot renew the server certificate: %s", exc)
+                    self._last_renew_check = time.monotonic()  # once per interval, not every few seconds
+                    log.error("cannot renew the server certificate: %s (still serving sha256=%s)", exc, self.fingerprint)
             signature = _stat_signature(self.cert_file, self.key_file)
             if signature is None or signature == self._signature or signature == self._failed_signature:
                 return False
@@ -625,9 +718,24 @@ class ReloadingServerTLS:
             return changed
 
     def force_renew_check(self) -> bool:
-        """Run the self-signed renewal check now (e.g. on SIGHUP), then reload."""
+        """Run the self-signed renewal check now, then reload."""
         self._last_renew_check = float("-inf")
         return self.reload_if_changed()
+
+    def reload(self) -> bool:
+        """For SIGHUP: renew if due, re-read the certificate files, swap the context in place.
+
+        Synchronous, and never raises: a problem is one log line naming the file,
+        and the certificate served so far stays in service. True when new
+        connections now get a different certificate.
+        """
+        with self._lock:
+            self._failed_signature = None  # a pair that failed before is worth one more try
+        try:
+            return self.force_renew_check()
+        except Exception as exc:  # noqa: BLE001 - a reload must never take the server down
+            log.error("TLS reload of %s failed: %s (still serving sha256=%s)", self.cert_file, exc, self.fingerprint)
+            return False
 
     async def watch(self, interval: float = 5.0) -> None:
         """Reload forever; run as a background task. File I/O and key generation go to a thread."""

@@ -11,6 +11,7 @@ import json
 import os
 import re
 import signal
+import socket
 import ssl
 import subprocess
 import sys
@@ -94,6 +95,11 @@ class Simulator:
     proc: subprocess.Popen[bytes]
     log_path: Path
     args: list[str]
+    ws_url: str | None = None  # the LocalAPI telemetry WebSocket, when served
+
+    @property
+    def ws_port(self) -> int | None:
+        return int(self.ws_url.rsplit(":", 1)[1]) if self.ws_url else None
 
     def client(self) -> httpx.Client:
         return httpx.Client(base_url=self.url, verify=False, timeout=30)
@@ -129,11 +135,19 @@ class Simulator:
 def start_simulator(workdir: Path, *args: str) -> Simulator:
     workdir.mkdir(parents=True, exist_ok=True)
     log_path = workdir / f"simulator-{time.monotonic_ns()}.log"
-    argv = [sys.executable, "-m", "gateway", "simulate", "--port", "0", *args]
+    # The telemetry socket's default (9002) would collide between simulators: a free port instead.
+    ws = [] if "--ws-port" in args else ["--ws-port", str(free_port())]
+    argv = [sys.executable, "-m", "gateway", "simulate", "--port", "0", *ws, *args]
     with log_path.open("wb") as out:
         proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, cwd=workdir)
-    match = _wait_for_line(proc, log_path, re.compile(r"pvs-simulator ready url=(\S+)"), "simulator")
-    return Simulator(match.group(1), proc, log_path, list(args))
+    match = _wait_for_line(proc, log_path, re.compile(r"pvs-simulator ready url=(\S+)(?:.* ws=(\S+))?"), "simulator")
+    return Simulator(match.group(1), proc, log_path, list(args), match.group(2))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
 
 BASE_CONFIG: dict[str, Any] = {

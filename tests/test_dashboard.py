@@ -6,6 +6,7 @@ import base64
 import os
 import re
 import shutil
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -115,10 +116,6 @@ def test_dashboard_renders_production_with_no_console_errors(
     context.close()
     assert problems == []
     assert 10_000 < shot.stat().st_size < 200_000
-    # The docs keep one picture; refresh it on purpose, not as a side effect of every run.
-    if not SCREENSHOT.exists() or os.environ.get("PVSGW_UPDATE_SCREENSHOT"):
-        SCREENSHOT.parent.mkdir(exist_ok=True)
-        shutil.copyfile(shot, SCREENSHOT)
 
 
 @needs_browser
@@ -159,3 +156,81 @@ def test_the_page_is_public_only_while_oidc_is_off() -> None:
     assert "/" in public_paths(Settings(auth=AuthSettings(methods=("api_key",))))
     # With OIDC, a browser without a session is sent to the login instead (see test_oidc_gateway).
     assert public_paths(Settings(auth=AuthSettings(methods=("api_key", "oidc")))) == PUBLIC_ASSETS
+
+
+@needs_browser
+def test_dashboard_shows_live_power_flow_and_todays_curve(
+    browser: Any, make_simulator, make_gateway, tmp_path: Path
+) -> None:
+    """LocalAPI telemetry through /api/v1/live: numbers change without a reload; the curve comes from history."""
+    import asyncio
+    import concurrent.futures
+    import datetime as dt
+
+    from playwright.sync_api import expect
+
+    from gateway.history import History
+    from gateway.simulator.model import daylight_fraction, household_kw
+
+    sim = make_simulator("--firmware", "localapi", "--latency-scale", "0.02", "--clock", "12:00", "--seed", "7")
+    # Today so far, as a gateway would have recorded it: a sample every 5 minutes since local midnight.
+    seeded = tmp_path / "history.sqlite3"
+    now = time.time()
+    midnight = dt.datetime.now().replace(hour=0, minute=0, second=0, microsecond=0).timestamp()
+    clock = [midnight]
+    history = History(seeded, interval=60, retention_days=2, clock=lambda: clock[0])
+    history.open()
+
+    async def seed() -> None:
+        t = midnight
+        while t < now - 300:
+            clock[0] = t
+            hour = dt.datetime.fromtimestamp(t).hour + dt.datetime.fromtimestamp(t).minute / 60
+            production = round(4.2 * daylight_fraction(hour), 4)
+            consumption = round(household_kw(hour, 1.0), 4)
+            await history.offer({"production_kw": production, "consumption_kw": consumption, "net_kw": round(consumption - production, 4)})
+            t += 300
+
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:  # playwright's loop runs in this thread
+        pool.submit(asyncio.run, seed()).result()
+    history.close()
+    seeded_rows = history.rows
+    gw = make_gateway(
+        sim.url,
+        {
+            "upstream": {"firmware": "localapi", "verify_tls": "off", "ws_port": sim.ws_port, "enable_telemetry": True},
+            "history": {"path": str(seeded), "interval": 5.0},
+        },
+    )
+    context = browser.new_context(viewport={"width": 390, "height": 844})
+    context.add_cookies([_session_cookie(gw, "viewer")])
+    page = context.new_page()
+    problems = _console(page)
+    page.goto(gw.url + "/")
+    expect(page.locator("#live")).to_have_text("live", timeout=15_000)
+    seen = set()
+    deadline = time.monotonic() + 15
+    while len(seen) < 3 and time.monotonic() < deadline:  # the device's frames, shown as they come
+        seen.add(page.locator("#production").text_content())
+        page.wait_for_timeout(200)
+    assert len(seen) >= 3, seen
+    url_before = page.url
+    # Midday in the simulator: the sun feeds the home, the surplus goes out to the grid.
+    expect(page.locator("#flow-solar-home")).to_have_class(re.compile(r"\bon\b"))
+    expect(page.locator("#flow-solar")).to_contain_text("kW")
+    expect(page.locator("#flow-battery")).to_have_text("none")  # the simulated site has no battery
+    if seeded_rows >= 2:
+        expect(page.locator("#curve-production")).to_have_attribute("d", re.compile(r"^M[\d.]+ [\d.]+ L"))
+        expect(page.locator("#today-note")).to_contain_text("samples")
+    assert page.url == url_before  # no reload
+    page.wait_for_timeout(700)
+    shot = tmp_path / "dashboard-live.png"
+    page.screenshot(path=str(shot), full_page=True)
+    context.close()
+    assert problems == []
+    assert 10_000 < shot.stat().st_size < 400_000
+    assert sim.stats()["ws_connections"] == 1  # the page's stream came from the gateway's one socket
+    # The docs keep one picture; refresh it on purpose, not as a side effect of every run.
+    if not SCREENSHOT.exists() or os.environ.get("PVSGW_UPDATE_SCREENSHOT"):
+        SCREENSHOT.parent.mkdir(exist_ok=True)
+        shutil.copyfile(shot, SCREENSHOT)

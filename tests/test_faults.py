@@ -45,7 +45,6 @@ GATEWAY_CONFIG = {
     },
     "cache": {"stale_while_revalidate": 0, "max_stale": 600, "ttl": {"supervisor/info": WARM_TTL, "vars": WARM_TTL}},
 }
-SURVIVED: list[str] = []
 
 
 @dataclass
@@ -114,9 +113,9 @@ def legacy(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
     env.sim.stop()
 
 
-def _cold_target(fault: Fault) -> str:
-    # A key the cache has never seen: each fault gets its own Get_Comm variant.
-    return "/cgi-bin/dl_cgi?Command=Get_Comm&SerialNumber=" + fault.name.replace("-", "_").upper()
+def _cold_target(fault: Fault, run: str = "") -> str:
+    # A key the cache has never seen: each fault (and each run of it) gets its own Get_Comm variant.
+    return "/cgi-bin/dl_cgi?Command=Get_Comm&SerialNumber=" + run + fault.name.replace("-", "_").upper()
 
 
 def _assert_failure(r: httpx.Response, fault: Fault) -> None:
@@ -141,14 +140,16 @@ def _await_recovery(c: httpx.Client, target: str) -> float:
         time.sleep(0.05)
 
 
-@pytest.mark.parametrize("fault", LEGACY_FAULTS, ids=str)
-def test_legacy_fault(fault: Fault, legacy: Env) -> None:
-    env = legacy
+def _survive(env: Env, fault: Fault, run: str = "") -> float:
+    """Inject ``fault`` and check what clients see (cold, warm); clear it; return seconds to recovery.
+
+    ``run`` keeps the cold resource of one run apart from another's (a cached one would not fail).
+    """
     with env.gw.client() as c:
         _await_recovery(c, WARM)  # healthy, and WARM freshly cached
         env.sim.reset()
         fault.inject(env)
-        cold = c.get(_cold_target(fault))
+        cold = c.get(_cold_target(fault, run))
         if fault.status == 200:
             assert cold.status_code == 200, cold.text
             assert "proxy-status" not in cold.headers
@@ -162,14 +163,33 @@ def test_legacy_fault(fault: Fault, legacy: Env) -> None:
             assert warm.headers["proxy-status"].startswith("pvs-gateway; error="), warm.headers
             assert int(warm.headers["age"]) >= 0 and warm.json()
         fault.clear(env)
-        took = _await_recovery(c, _cold_target(fault))
+        took = _await_recovery(c, _cold_target(fault, run))
         # Recovered for everything, warm data fresh again, without a restart.
         time.sleep(WARM_TTL + 0.1)
         r = c.get(WARM)
         assert r.status_code == 200 and "proxy-status" not in r.headers, r.headers
         assert "stored" in r.headers["cache-status"] or "; hit;" in r.headers["cache-status"], r.headers
     assert env.gw.proc.poll() is None
-    SURVIVED.append(f"{fault.name} (recovered in {took:.1f} s)")
+    return took
+
+
+@pytest.mark.parametrize("fault", LEGACY_FAULTS, ids=str)
+def test_legacy_fault(fault: Fault, legacy: Env) -> None:
+    assert _survive(legacy, fault) < RECOVERY_BOUND
+
+
+def test_fault_figures(legacy: Env) -> None:
+    """The figure the docs quote: every legacy fault survived, and how fast data came back.
+
+    Stands alone (it runs each fault itself rather than reading what other tests
+    left behind) and asserts what it prints.
+    """
+    took = {fault.name: _survive(legacy, fault, run="FIGURES_") for fault in LEGACY_FAULTS}
+    report = "; ".join(f"{name} (recovered in {seconds:.1f} s)" for name, seconds in took.items())
+    print(f"\nfaults survived ({len(took)}/{len(LEGACY_FAULTS)}): {report}")
+    assert list(took) == [fault.name for fault in LEGACY_FAULTS]
+    assert all(0 <= seconds < RECOVERY_BOUND for seconds in took.values()), took
+    assert legacy.gw.proc.poll() is None  # one gateway process through all of them
 
 
 # --------------------------------------------------------------------------- LocalAPI
@@ -211,7 +231,6 @@ def test_localapi_session_expiry_is_a_transparent_relogin(localapi: Env) -> None
     log = [e["target"] for e in env.sim.requests()]
     i = log.index("/auth?login")
     assert 0 < i < len(log) - 1 and log[i - 1] == log[i + 1], log  # refused (stale session), logged in, retried
-    SURVIVED.append("expire-sessions (transparent re-login)")
 
 
 def test_localapi_reboot_loses_the_session_and_the_gateway_logs_in_again(localapi: Env) -> None:
@@ -226,7 +245,6 @@ def test_localapi_reboot_loses_the_session_and_the_gateway_logs_in_again(localap
         _wait_reboot_over(env)
         _await_recovery(c, "/vars?match=livedata")
     assert _logins(env) == 1, env.sim.requests()
-    SURVIVED.append("localapi reboot (re-login after)")
 
 
 def test_localapi_certificate_change_is_refused_and_repinning_recovers(localapi: Env) -> None:
@@ -271,8 +289,3 @@ def test_localapi_certificate_change_is_refused_and_repinning_recovers(localapi:
         assert done.returncode == 0, done.stderr
         _await_recovery(c, "/vars?name=/sys/info/sw_rev,/sys/info/model")
     assert gw.proc.poll() is None
-    SURVIVED.append("rotate-cert (502 tls, re-pinned without restart)")
-
-
-def test_fault_figures() -> None:
-    print(f"\nfaults survived ({len(SURVIVED)}): " + "; ".join(SURVIVED))

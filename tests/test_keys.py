@@ -23,6 +23,7 @@ from gateway.auth.keys import (
     KeyStore,
     KeyStoreError,
     add_key,
+    file_problems,
     key_id,
     list_keys,
     lock_path_for,
@@ -204,11 +205,41 @@ def test_rotate_invalidates_the_old_key(keys_file: Path) -> None:
     new, new_key = rotate_key(keys_file, "phone")
     assert new.id != old.id and new_key != old_key
     assert (new.name, new.role, new.rate_limit) == ("phone", "admin", "5/second")
-    assert new.expires is not None and new.expires - new.created == timedelta(days=90)
+    assert new.expires == old.expires  # a new secret, not a longer life
     assert store.reload_if_changed()
     assert store.verify(old_key) is None
     assert store.verify(new_key) is not None
     assert [k["id"] for k in list_keys(keys_file)] == [new.id]
+
+
+def test_rotate_keeps_the_expiry_and_extending_is_explicit(keys_file: Path) -> None:
+    """issue 20: rotating a guest key used to restart its expiry clock."""
+    add_key(keys_file, "guest", expires_days=7)
+    expires = next(k["expires"] for k in list_keys(keys_file) if k["name"] == "guest")
+    later = datetime.now(UTC) + timedelta(days=6)
+    for _ in range(3):
+        rotated, _ = rotate_key(keys_file, "guest")
+        assert rotated.expires is not None and rotated.expires.strftime("%Y-%m-%dT%H:%M:%SZ") == expires
+        assert rotated.status(later) == "active" and rotated.status(later + timedelta(days=2)) == "expired"
+    # An explicit new expiry is the only way to extend it, counted from now.
+    extended, _ = rotate_key(keys_file, "guest", expires_days=30)
+    assert extended.expires is not None and extended.expires - extended.created == timedelta(days=30)
+    add_key(keys_file, "never")
+    assert rotate_key(keys_file, "never")[0].expires is None
+
+
+def test_an_expired_key_is_reissued_only_with_a_new_expiry(keys_file: Path) -> None:
+    add_key(keys_file, "guest", expires_days=1)
+    document = json.loads(keys_file.read_text())
+    document["keys"][0]["expires"] = "2020-01-01T00:00:00Z"
+    keys_file.write_text(json.dumps(document))
+    with pytest.raises(KeyStoreError, match=r"expired at 2020-01-01T00:00:00Z; .*--expires-days"):
+        rotate_key(keys_file, "guest")
+    assert json.loads(keys_file.read_text()) == document  # refused: nothing written
+    with pytest.raises(KeyStoreError, match=r"expired; 'keys rotate --expires-days N' reissues it"):
+        add_key(keys_file, "guest")
+    record, key = rotate_key(keys_file, "guest", expires_days=2)
+    assert record.is_active() and KeyStore(keys_file).verify(key) is not None
 
 
 def test_missing_file_means_no_keys(keys_file: Path) -> None:
@@ -268,6 +299,88 @@ def test_corrupt_file_keeps_old_keys_and_logs_once(keys_file: Path, caplog: pyte
 def test_corrupt_file_at_start_means_no_keys(keys_file: Path) -> None:
     keys_file.write_text("[]")
     assert len(KeyStore(keys_file)) == 0
+
+
+def test_reload_never_raises_whatever_the_file_holds(keys_file: Path, caplog: pytest.LogCaptureFixture) -> None:
+    _, key = add_key(keys_file, "phone")
+    store = KeyStore(keys_file)
+    for content in (b"[" * 100_000, b"\xff\xfe", b'{"version": 1, "keys": [1]}', b""):
+        keys_file.write_bytes(content)
+        caplog.clear()
+        with caplog.at_level(logging.ERROR, logger="gateway.keys"):
+            assert store.reload_if_changed() is False
+        (line,) = [r.getMessage() for r in caplog.records]
+        assert str(keys_file) in line and "\n" not in line
+        assert store.verify(key) is not None  # the keys loaded before stay
+
+
+def test_a_key_file_others_can_write_is_refused(keys_file: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """As ssh refuses such key files: whoever can write it can add an admin key."""
+    _, key = add_key(keys_file, "phone")
+    store = KeyStore(keys_file)
+    assert file_problems(keys_file) == []
+    for mode in (0o620, 0o602, 0o666):
+        keys_file.chmod(mode)
+        (problem,) = file_problems(keys_file)
+        assert problem == f"{keys_file} is writable by group or others, so anyone who can write it can add keys; run: chmod 600 {keys_file}"
+    add_key(keys_file, "intruder", role="admin")  # the CLI's own writes are always 0600 ...
+    keys_file.chmod(0o666)  # ... so the file is loosened again, as someone else would
+    with caplog.at_level(logging.ERROR, logger="gateway.keys"):
+        assert store.reload_if_changed() is False
+    assert f"chmod 600 {keys_file}" in caplog.text
+    assert store.verify(key) is not None and [r.name for r, _ in store._index.values()] == ["phone"]
+    assert len(KeyStore(keys_file)) == 0  # a gateway starting on it loads nothing
+    keys_file.chmod(0o600)
+    assert store.reload_if_changed() is True and len(store) == 2
+
+
+def test_file_problems_name_the_file_in_one_line(keys_file: Path) -> None:
+    assert file_problems(keys_file) == []  # no file yet: no keys, no problem
+    keys_file.write_text('{"version": 1, "keys": [{"id": "broken"}]}')
+    keys_file.chmod(0o600)
+    (problem,) = file_problems(keys_file)
+    assert problem.startswith(f"{keys_file} is corrupt (keys[0].id:") and "\n" not in problem
+    keys_file.write_text("{not json")
+    assert file_problems(keys_file)[0].startswith(f"{keys_file} is corrupt (not valid JSON")
+
+
+def test_stale_temp_files_of_a_killed_writer_are_cleaned(keys_file: Path) -> None:
+    add_key(keys_file, "phone")
+    stale = keys_file.parent / ".keys.json.k1ll3d.tmp"
+    stale.write_text('{"version": 1, "keys": []}')
+    fresh = keys_file.parent / ".keys.json.wr1t1ng.tmp"  # could be a writer at work right now
+    fresh.write_text("{")
+    other = keys_file.parent / ".keys.state.json.x.tmp"  # not the key file's
+    other.write_text("{}")
+    hour_ago = time.time() - 3600
+    os.utime(stale, (hour_ago, hour_ago))
+    os.utime(other, (hour_ago, hour_ago))
+    KeyStore(keys_file)  # on load: only what is too old to be a write in progress
+    assert not stale.exists() and fresh.exists() and other.exists()
+    add_key(keys_file, "laptop")  # on the next write, under the writers' lock: all of them
+    assert not fresh.exists() and other.exists()
+    assert [k["name"] for k in list_keys(keys_file)] == ["phone", "laptop"]
+
+
+def test_a_killed_key_add_leaves_the_key_file_whole(keys_file: Path) -> None:
+    """SIGKILL in the middle of `keys add` (between its temp file and the rename)."""
+    add_key(keys_file, "phone")
+    before = keys_file.read_bytes()
+    code = (
+        "import os, signal, sys\n"
+        "from pathlib import Path\n"
+        "from gateway import files\n"
+        "from gateway.auth import keys\n"
+        "def die(*a, **k): os.kill(os.getpid(), signal.SIGKILL)\n"
+        "os.replace = die\n"  # killed right before the rename
+        "keys.add_key(Path(sys.argv[1]), 'laptop')\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code, str(keys_file)], cwd=REPO, timeout=30, check=False)
+    assert done.returncode == -9
+    left = list(keys_file.parent.glob(".keys.json.*.tmp"))
+    assert len(left) == 1 and keys_file.read_bytes() == before
+    add_key(keys_file, "laptop")
+    assert list(keys_file.parent.glob(".keys.json.*.tmp")) == []
 
 
 def test_concurrent_writers_wait_for_the_lock(keys_file: Path) -> None:

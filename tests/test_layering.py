@@ -15,14 +15,16 @@ LAYERS: list[set[str]] = [
     {"gateway", "gateway.errors", "gateway.settings", "gateway.files", "gateway.scopes", "gateway.auth", "gateway.shared"},
     {
         "gateway.allowlist", "gateway.budget", "gateway.health", "gateway.tls", "gateway.pinning",
-        "gateway.responses", "gateway.auth.keys", "gateway.auth.sessions", "gateway.httpproto", "gateway.logbuffer",
+        "gateway.responses", "gateway.auth.keys", "gateway.auth.sessions", "gateway.edge", "gateway.logbuffer",
+        "gateway.shared",
     },
     {"gateway.pvsbody", "gateway.upstream", "gateway.ratelimit", "gateway.auth.oidc"},
+    {"gateway.telemetry", "gateway.history"},
     {"gateway.cache"},
     {"gateway.proxy", "gateway.auth.oidc_login", "gateway.auth.middleware", "gateway.auth.frontproxy"},
     {
+        "gateway.live",
         "gateway.local", "gateway.poller", "gateway.routes", "gateway.normalize", "gateway.metrics", "gateway.dashboard",
-        "gateway.hotpath",
     },
     {"gateway.app"},
     {"gateway.server", "gateway.demo"},

@@ -133,6 +133,8 @@ def test_hundreds_of_connections_no_errors_bounded_memory_pvs_within_budget(tmp_
         tmp_path / "gw",
         sim.url,
         {
+            # Every client of the load generator comes from 127.0.0.1.
+            "server": {"max_connections_per_ip": 1000},
             "upstream": {"max_concurrency": 1, "min_interval": 0.05},
             # Short TTLs: the PVS keeps being asked during the run, always within the budget.
             "cache": {"default_ttl": 1, "ttl": {"DeviceList": 2, "devices/list": 2, "Get_Comm": 1, "supervisor/info": 1}},
@@ -185,7 +187,7 @@ def test_a_tight_per_caller_limit_gives_only_429s_with_retry_after(tmp_path: Pat
     gw = start_gateway(
         tmp_path / "gw",
         sim.url,
-        {"ratelimit": {"per_caller": "600/minute", "per_ip": "100000000/minute"}},
+        {"server": {"max_connections_per_ip": 1000}, "ratelimit": {"per_caller": "600/minute", "per_ip": "100000000/minute"}},
     )
     try:
         result = run_wrk(gw, tmp_path, gw.keys["viewer"], 2, 100)

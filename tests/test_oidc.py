@@ -20,7 +20,7 @@ import time
 import urllib.parse
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import httpx
 import pytest
@@ -32,15 +32,25 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
-from gateway.auth.oidc import AuthFailed, Forbidden, OIDCVerifier, ProviderUnavailable, _import_keys, claim_groups
+from gateway.auth import Principal
+from gateway.auth.oidc import (
+    AuthFailed,
+    Forbidden,
+    OIDCVerifier,
+    ProviderUnavailable,
+    _import_keys,
+    claim_groups,
+)
 from gateway.auth.oidc_login import (
     SESSION_COOKIE,
+    _Login,
     login_redirect,
     oidc_routes,
     principal_from_session,
     safe_next,
     wants_html,
 )
+from gateway.auth.sessions import SessionSigner, SessionStore
 from gateway.errors import PROBLEM_TYPE, problem_body
 from gateway.settings import AuthSettings, OIDCSettings
 from tests.oidc_provider import (
@@ -92,7 +102,7 @@ class ServerThread:
         self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
         self.thread = threading.Thread(target=lambda: asyncio.run(self.server.serve(sockets=[sock])), daemon=True)
 
-    def __enter__(self) -> ServerThread:
+    def __enter__(self) -> Self:
         self.thread.start()
         deadline = time.monotonic() + 10
         while not self.server.started:
@@ -192,9 +202,13 @@ def app_clock() -> Clock:
     return Clock()
 
 
+#: The module's app re-checks groups every minute (the default is 300 s); the provider's access tokens last 300 s.
+RECHECK = 60.0
+
+
 @pytest.fixture(scope="module")
 def app_url(idp: TestProvider, app_socket: socket.socket, app_clock: Clock) -> Iterator[str]:
-    with ServerThread(make_test_app(idp, clock=app_clock), app_socket):
+    with ServerThread(make_test_app(idp, clock=app_clock, recheck_interval=RECHECK), app_socket):
         yield base_url(app_socket)
 
 
@@ -603,7 +617,7 @@ def test_browser_login_session_and_logout(idp: TestProvider, app_url: str, clock
         payload = session_payload(browser)
         assert set(payload) == {"oidc"}
         ident = payload["oidc"]
-        assert set(ident) <= {"sub", "name", "email", "role", "iat", "exp", "pol", "rt", "ref"}
+        assert set(ident) <= {"sub", "name", "email", "role", "iat", "exp", "pol", "rt", "ref", "sid", "chk"}
         assert ident["exp"] - ident["iat"] == 3600
         assert "rt" in ident and len(ident["rt"]) > 40
 
@@ -657,7 +671,7 @@ def test_session_cookie_cannot_be_forged(app_url: str, clock: Clock) -> None:
     with httpx.Client(timeout=10) as browser:
         login_as(browser, app_url, "alice")
         value = browser.cookies[SESSION_COOKIE]
-        data, rest = value.split(".", 1)
+        _, rest = value.split(".", 1)
         payload = session_payload(browser)
         payload["oidc"]["sub"] = "mallory"
         forged = base64.b64encode(json.dumps(payload).encode()).decode()
@@ -708,3 +722,133 @@ async def test_cookie_is_secure_when_https_only(idp: TestProvider) -> None:
         assert query["redirect_uri"] == ["https://gw.test/auth/callback"]
         cookie = r.headers["set-cookie"].lower()
         assert "secure" in cookie and "httponly" in cookie and "samesite=lax" in cookie
+
+
+# ---------------------------------------------------------------- sessions end server-side (issue 20)
+
+
+@needs_idp
+def test_a_replayed_cookie_is_refused_after_logout(app_url: str, clock: Clock) -> None:
+    """Issue 20: after /auth/logout a copy of the session cookie still read protected pages."""
+    with httpx.Client(timeout=10) as browser:
+        login_as(browser, app_url, "alice")
+        assert browser.get(app_url + "/protected").json()["role"] == "admin"
+        stolen = browser.cookies[SESSION_COOKIE]
+        browse(browser, "GET", app_url + "/auth/logout")
+    with httpx.Client(timeout=10) as replay:
+        replay.cookies.set(SESSION_COOKIE, stolen, domain="127.0.0.1")
+        r = replay.get(app_url + "/protected")
+        assert r.status_code == 401, r.text
+
+
+@needs_idp
+def test_a_new_login_ends_the_previous_one_in_that_browser(app_url: str, clock: Clock) -> None:
+    with httpx.Client(timeout=10) as browser:
+        login_as(browser, app_url, "alice")
+        first = browser.cookies[SESSION_COOKIE]
+        login_as(browser, app_url, "alice", path="/auth/login")
+        assert browser.get(app_url + "/protected").status_code == 200
+    with httpx.Client(timeout=10) as replay:
+        replay.cookies.set(SESSION_COOKIE, first, domain="127.0.0.1")
+        assert replay.get(app_url + "/protected").status_code == 401
+
+
+@needs_idp
+def test_removal_from_the_admin_group_takes_effect_within_the_recheck_interval(idp: TestProvider, app_url: str, clock: Clock) -> None:
+    """Issue 20: a user removed from the admin group stayed admin until the cookie expired (8 h)."""
+    with httpx.Client(timeout=10) as browser:
+        login_as(browser, app_url, "alice")
+        ident = session_payload(browser)["oidc"]
+        assert browser.get(app_url + "/protected").json()["role"] == "admin"
+        assert ident["ref"] - ident["chk"] <= RECHECK  # asked again within the interval, not the token's 240 s
+        try:
+            idp.set_groups("alice", ["family"])
+            clock.offset = RECHECK - 5
+            assert browser.get(app_url + "/protected").json()["role"] == "admin"  # not yet due
+            clock.offset = RECHECK + 1
+            assert browser.get(app_url + "/protected").json()["role"] == "viewer"
+        finally:
+            idp.set_groups("alice", ["family", "admins"])
+
+
+class _StubVerifier:
+    """Stands in for the provider when it cannot be reached (no network needed)."""
+
+    policy_fingerprint = "policy-1"
+
+    def __init__(self) -> None:
+        self.refreshes = 0
+
+    async def refresh(self, refresh_token: str) -> dict[str, Any]:
+        self.refreshes += 1
+        raise ProviderUnavailable("connection refused")
+
+
+class _Now:
+    def __init__(self) -> None:
+        self.now = 1_800_000_000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def _stub_login(recheck: float = 300.0) -> tuple[_Login, _StubVerifier, SessionStore, _Now]:
+    now = _Now()
+    oidc = OIDCSettings(issuer="https://idp.test", client_id="gw", recheck_interval=recheck)
+    store = SessionStore(SessionSigner(b"k" * 32), clock=now)
+    verifier = _StubVerifier()
+    login = _Login(AuthSettings(oidc=oidc), verifier, secret_key="s" * 32, clock=now, sessions=store)  # type: ignore[arg-type]
+    return login, verifier, store, now
+
+
+def _ident(login: _Login, store: SessionStore, *, refresh_token: str | None) -> dict[str, Any]:
+    record = store.open("oidc:alice", 8 * 3600)
+    principal = Principal("oidc:alice", "alice", "admin", "oidc")
+    token = {"refresh_token": refresh_token} if refresh_token else {}
+    return login._identity(principal, {"email": "a@x"}, token, iat=record.issued, exp=record.expires, sid=record.sid)
+
+
+def test_an_unreachable_provider_cannot_stretch_a_role_past_twice_the_interval() -> None:
+    login, verifier, store, now = _stub_login(recheck=300)
+    ident = _ident(login, store, refresh_token="rt-1")
+    session: dict[str, Any] = {"oidc": dict(ident)}
+    for step in range(1, 12):  # asked every minute while the provider is down ...
+        now.now += 60
+        asyncio.run(login.maintain(session))
+        if step * 60 < 600:
+            assert principal_from_session(session, now=now.now) is not None, step
+    # ... and after 2 x 300 s without an answer the session is over, and stays over.
+    assert "oidc" not in session
+    assert verifier.refreshes >= 4
+    assert store.active(ident["sid"], "oidc:alice", ident["exp"]) is None
+
+
+def test_without_a_refresh_token_the_role_lasts_one_interval() -> None:
+    login, _, store, now = _stub_login(recheck=120)
+    ident = _ident(login, store, refresh_token=None)
+    session: dict[str, Any] = {"oidc": dict(ident)}
+    now.now += 119
+    asyncio.run(login.maintain(session))
+    assert principal_from_session(session, now=now.now) is not None
+    now.now += 2
+    asyncio.run(login.maintain(session))
+    assert "oidc" not in session
+    # and that login's record is revoked: a copy of the old cookie is refused too
+    replay: dict[str, Any] = {"oidc": dict(ident)}
+    asyncio.run(login.maintain(replay))
+    assert "oidc" not in replay
+
+
+def test_a_revoked_oidc_session_is_refused() -> None:
+    login, _, store, _ = _stub_login()
+    ident = _ident(login, store, refresh_token="rt-1")
+    session: dict[str, Any] = {"oidc": dict(ident)}
+    asyncio.run(login.maintain(session))
+    assert "oidc" in session
+    asyncio.run(store.revoke(ident["sid"]))
+    asyncio.run(login.maintain(session))
+    assert "oidc" not in session
+    # An identity without a recorded session (an old cookie format, or a forged id) is refused as well.
+    orphan: dict[str, Any] = {"oidc": {**ident, "sid": "made-up"}}
+    asyncio.run(login.maintain(orphan))
+    assert "oidc" not in orphan

@@ -25,6 +25,10 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
+#: Groups are asked again this often (the smallest the settings allow; the default is 300 s).
+RECHECK = 10.0
+
+
 @pytest.fixture
 def oidc_gateway(simulator: Simulator, make_gateway, tmp_path) -> Iterator[tuple[Gateway, TestProvider]]:
     port = _free_port()
@@ -44,6 +48,7 @@ def oidc_gateway(simulator: Simulator, make_gateway, tmp_path) -> Iterator[tuple
                     "scopes": ["openid", "email", "profile", "groups"],
                     "allowed_groups": ["family"],
                     "admin_groups": ["admins"],
+                    "recheck_interval": RECHECK,
                 },
             },
         }
@@ -91,7 +96,7 @@ def test_bad_tokens_are_refused_with_401(oidc_gateway) -> None:
 
 
 def test_browser_login_data_and_logout(oidc_gateway) -> None:
-    gw, idp = oidc_gateway
+    gw, _ = oidc_gateway
     with httpx.Client(base_url=gw.url) as browser:
         # A browser asking for a page is sent to the login; an API client gets 401 JSON.
         page = browser.get("/", headers={"Accept": "text/html"})
@@ -106,8 +111,29 @@ def test_browser_login_data_and_logout(oidc_gateway) -> None:
         assert browser.get("/stats").status_code == 200  # alice is an admin
         browse(browser, "GET", f"{gw.url}/auth/logout")
         assert browser.get(SUPERVISOR, headers={"Accept": "application/json"}).status_code == 401
-    # The old cookie alone is worthless after logout? It is a signed, self-contained session:
-    # logout clears it from the browser; what it cannot do is outlive its lifetime.
+    # Issue 20: a copy of the cookie taken before the logout used to keep reading /stats.
+    with httpx.Client(base_url=gw.url, cookies={"pvsgw_session": cookie}) as replay:
+        r = replay.get("/stats", headers={"Accept": "application/json"})
+        assert r.status_code == 401, r.text
+        assert replay.get(SUPERVISOR, headers={"Accept": "application/json"}).status_code == 401
+
+
+def test_a_user_removed_from_the_admin_group_loses_admin_within_the_recheck_interval(oidc_gateway) -> None:
+    """Issue 20: demoted at the provider, the browser session used to stay admin until it expired (8 h)."""
+    gw, idp = oidc_gateway
+    with httpx.Client(base_url=gw.url) as browser:
+        browse(browser, "GET", f"{gw.url}/auth/login?next={SUPERVISOR}", login="alice")
+        assert browser.get("/stats").status_code == 200
+        try:
+            idp.set_groups("alice", ["family"])
+            demoted = time.monotonic()
+            while (r := browser.get("/stats")).status_code == 200:
+                assert time.monotonic() - demoted < RECHECK + 20, "still admin long after the re-check was due"
+                time.sleep(0.5)
+            assert r.status_code == 403, r.text
+            assert browser.get(SUPERVISOR).status_code == 200  # still a viewer: family is allowed
+        finally:
+            idp.set_groups("alice", ["family", "admins"])
 
 
 def test_users_outside_the_allow_list_get_403_after_login(oidc_gateway) -> None:

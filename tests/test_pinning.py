@@ -214,18 +214,73 @@ def test_accept_current_repins_and_the_running_transport_follows(
         assert isinstance(resp, httpx.Response) and resp.text == "ok"
 
 
-def test_damaged_pin_file_fails_closed(tmp_path: Path, certs: Certs) -> None:
+def test_damaged_pin_file_fails_closed(tmp_path: Path, certs: Certs, caplog: pytest.LogCaptureFixture) -> None:
     cert_a, key_a, fp_a = certs["a"]
     pin_file = tmp_path / "pin.json"
     pin_file.write_text("{not json")
     pvs = FakePVS(server_context(cert_a, key_a))
     with running(pvs) as port:
         url = f"https://127.0.0.1:{port}"
-        (result,) = get(pin_transport(url, pin_file), url)
-        assert isinstance(result, UpstreamTLSError)
+        with caplog.at_level(logging.ERROR, logger="gateway.pinning"):
+            results = get(pin_transport(url, pin_file), url, times=3)
+        assert all(isinstance(r, UpstreamTLSError) for r in results), results
         time.sleep(0.05)
         assert pvs.all_bytes_since(0) == b""
+        assert pin_file.read_text() == "{not json"  # never re-pinned on first use over a damaged file
+        # The caller (a 502's problem details) is told what to do, never where the file is;
+        # the log says where, once however many requests failed.
+        detail = results[0].detail  # type: ignore[union-attr]
+        assert str(tmp_path) not in detail and "pin.json" not in detail and "pvs-gateway certs trust-pvs" in detail
+        logged = [r.getMessage() for r in caplog.records]
+        assert len(logged) == 1 and str(pin_file) in logged[0] and "\n" not in logged[0]
         assert pinning.accept_current(url, pin_file) == fp_a  # the repair command works on it
+
+
+def test_unwritable_pin_names_no_path_to_the_caller(tmp_path: Path, certs: Certs, caplog: pytest.LogCaptureFixture) -> None:
+    cert_a, key_a, _ = certs["a"]
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("")
+    pin_file = blocker / "pin.json"  # its directory cannot exist: the first-use pin cannot be stored
+    pvs = FakePVS(server_context(cert_a, key_a))
+    with running(pvs) as port, caplog.at_level(logging.ERROR, logger="gateway.pinning"):
+        url = f"https://127.0.0.1:{port}"
+        (result,) = get(pin_transport(url, pin_file), url)
+        assert isinstance(result, UpstreamTLSError)
+        assert str(tmp_path) not in result.detail and "not-a-dir" not in result.detail
+        assert pvs.all_bytes_since(0) == b""
+    assert str(pin_file) in caplog.text
+
+
+def test_reload_pin_rereads_never_raises_and_keeps_the_old_pin(
+    tmp_path: Path, certs: Certs, caplog: pytest.LogCaptureFixture
+) -> None:
+    (cert_a, key_a, fp_a), (_, _, fp_b) = certs["a"], certs["b"]
+    pin_file = tmp_path / "pin.json"
+    pvs = FakePVS(server_context(cert_a, key_a))
+    with running(pvs) as port:
+        url = f"https://127.0.0.1:{port}"
+        transport = pin_transport(url, pin_file)
+        assert isinstance(transport, pinning.PinningTransport)
+        assert isinstance(get(transport, url)[0], httpx.Response)  # pinned a on first use
+        original = pin_file.read_text()
+
+        pin_file.write_text("{damaged")  # e.g. a bad hand edit, then SIGHUP
+        caplog.clear()
+        with caplog.at_level(logging.ERROR, logger="gateway.pinning"):
+            transport.reload_pin()
+        (line,) = [r.getMessage() for r in caplog.records]
+        assert str(pin_file) in line and f"still trusting the pin loaded before, sha256={fp_a}" in line
+        assert isinstance(get(transport, url)[0], httpx.Response)  # the old pin stays in force
+
+        pin_file.write_text(original.replace(fp_a, fp_b))  # a pin for another certificate
+        transport.reload_pin()
+        (refused,) = get(transport, url)
+        assert isinstance(refused, pinning.PinMismatchError) and refused.expected == fp_b
+
+        pin_file.unlink()
+        pin_file.mkdir()  # unreadable in another way: still no exception out of reload_pin
+        transport.reload_pin()
+    pinning.make_transport("http://127.0.0.1:1", mode="pin", pin_file=pin_file, connect_timeout=1).reload_pin()  # no pinner: no-op
 
 
 def test_pin_mode_enforces_its_own_connect_timeout(tmp_path: Path) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import re
 import shutil
 import socket
 import subprocess
@@ -11,6 +13,10 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
+from gateway.auth import Principal
+from gateway.ratelimit import RateLimiter, Verdict
+from gateway.settings import RateLimitSettings
+from gateway.shared import Shared
 from tests.harness import Simulator
 
 SUPERVISOR = "/cgi-bin/dl_cgi/supervisor/info"
@@ -102,7 +108,7 @@ def redis_url(tmp_path) -> Iterator[str]:
 
 
 def test_two_gateways_sharing_redis_enforce_one_limit(simulator: Simulator, make_gateway, redis_url: str) -> None:
-    config = {"ratelimit": {"per_caller": "6/minute", "storage": redis_url}}
+    config = {"ratelimit": {"per_caller": "6/minute"}, "cluster": {"redis_url": redis_url}}
     first = make_gateway(simulator.url, config)
     # The second replica shares the first's keys file, as replicas behind one Traefik would.
     second = make_gateway(simulator.url, {**config, "auth": {"keys_file": str(first.workdir / "keys.json")}}, key_roles={})
@@ -114,190 +120,92 @@ def test_two_gateways_sharing_redis_enforce_one_limit(simulator: Simulator, make
     assert codes == [200] * 6 + [429, 429]
 
 
-def test_local_sliding_window_matches_the_algorithm_on_a_fake_clock() -> None:
-    from gateway.ratelimit import LocalWindows
-
-    now = [600.0]  # the start of a 60 s window
-    windows = LocalWindows(clock=lambda: now[0])
-    assert [windows.hit("caller", "k", 5, 60)[0] for _ in range(5)] == [True] * 5
-    allowed, remaining, wait = windows.hit("caller", "k", 5, 60)
-    assert (allowed, remaining) == (False, 0)
-    # Full window: the next one starts in 60 s, then the 5 requests weigh 5*(60-e)/60 <= 4 from e = 12 s.
-    assert wait == 72
-    assert windows.hit("other", "k", 5, 60)[0] is True  # policies and keys are separate
-    now[0] = 600 + 60 + 11.0
-    assert windows.hit("caller", "k", 5, 60)[0] is False
-    now[0] = 600 + 60 + 12.5
-    assert windows.hit("caller", "k", 5, 60)[0] is True
-    # Counters two windows old weigh nothing and are dropped, so per-IP keys cannot grow memory.
-    now[0] = 600 + 1000.0
-    windows.hit("ip", "fresh", 5, 60)
-    assert "k" not in windows._tables["caller"]
+# ---------------------------------------------------------------- the limiter itself, in process
 
 
-def _exact_sliding_window(state: dict[str, list[float]], key: str, now: float, amount: int, window: int) -> tuple[bool, int]:
-    """The reference: limits' sliding-window counter, recomputed on every request."""
-    start = now - now % window
-    c = state.get(key)
-    if c is None or c[0] != start:
-        previous = c[1] if c is not None and c[0] == start - window else 0.0
-        c = state[key] = [start, 0.0, previous]
-    elapsed = now - start
-    weighted = c[2] * (window - elapsed) / window + c[1]
-    if weighted + 1 <= amount:
-        c[1] += 1
-        return True, int(amount - weighted - 1)
-    return False, max(0, int(amount - weighted))
+def _limiter(shared: Shared | None = None, **rates: str) -> RateLimiter:
+    settings = RateLimitSettings(**{"per_caller": "5/minute", "per_ip": "3/minute", "auth_failures": "2/minute", **rates})
+    return RateLimiter(settings, shared)
 
 
-def test_credit_gives_the_exact_algorithms_decisions() -> None:
-    """Admitting on credit (no arithmetic for up to a second) decides exactly as recomputing would;
-    only the reported remaining quota may lag, and only downwards (never promising too much)."""
-    import random
+def test_a_policy_states_its_quota_and_what_is_left() -> None:
+    async def run() -> list[Verdict]:
+        limiter = _limiter()
+        assert limiter.per_caller is not None
+        return [await limiter.check(limiter.per_caller, "alice") for _ in range(6)]
 
-    from gateway.ratelimit import LocalWindows
-
-    rng = random.Random(7)
-    for amount, window in ((5, 60), (30, 10), (100, 60), (3, 1)):
-        now = [1000.0 * window]
-        windows = LocalWindows(clock=lambda: now[0])
-        reference: dict[str, list[float]] = {}
-        decisions = 0
-        for _ in range(3000):
-            pace = window / amount  # steps around the allowed pace: bursts, lulls, and everything between
-            now[0] += rng.choice((0.0, 0.0, 0.0, 0.1 * pace, 0.25 * pace, 0.5 * pace, pace, 2 * pace))
-            if rng.random() < 0.01:
-                now[0] += rng.choice((window / 2, 1.5 * window))  # a lull: the previous window decays
-            key = rng.choice(("a", "b"))
-            allowed, remaining, _ = windows.hit("caller", key, amount, window)
-            exact_allowed, exact_remaining = _exact_sliding_window(reference, key, now[0], amount, window)
-            assert allowed == exact_allowed, (amount, window, now[0], key)
-            assert remaining <= exact_remaining
-            decisions += not allowed
-        assert decisions > 0  # the timelines do reach the limits
+    verdicts = asyncio.run(run())
+    assert [v.allowed for v in verdicts] == [True] * 5 + [False]
+    assert [v.remaining for v in verdicts[:5]] == [4, 3, 2, 1, 0]
+    fields = dict(verdicts[0].headers())
+    assert fields[b"ratelimit-policy"] == b'"caller";q=5;w=60'
+    assert re.fullmatch(rb'"caller";r=4;t=\d+', fields[b"ratelimit"])
+    problem = verdicts[-1].problem()
+    assert problem.status == 429
+    assert dict(problem.headers)["Retry-After"] == str(verdicts[-1].reset_in)
+    assert problem.extra["violated-policies"] == ["caller"]
 
 
-def test_a_counter_held_across_requests_decides_as_the_table_does() -> None:
-    """The hot path keeps a caller's counter per connection and spends its credit with ``take``;
-    across window changes and pruning that must decide exactly as looking it up each time."""
-    import random
+def test_keys_are_counted_apart_and_overrides_win() -> None:
+    async def run() -> tuple[bool, bool, int]:
+        limiter = _limiter(roles={"admin": "100/minute"})
+        assert limiter.per_caller is not None
+        for _ in range(5):
+            await limiter.check(limiter.per_caller, "alice")
+        alice = await limiter.check(limiter.per_caller, "alice")
+        bob = await limiter.check(limiter.per_caller, "bob")
+        admin = limiter.policy_for(Principal("k1", "root", "admin", "api_key"))
+        own = limiter.policy_for(Principal("k2", "x", "viewer", "api_key", "7/hour"))
+        assert admin is not None and own is not None and own.window == 3600
+        return alice.allowed, bob.allowed, admin.quota
 
-    from gateway.ratelimit import LocalWindows
-
-    rng = random.Random(11)
-    amount, window = 20, 10
-    now = [1000.0 * window]
-    windows = LocalWindows(clock=lambda: now[0])
-    reference: dict[str, list[float]] = {}
-    held = None
-    taken = admitted = 0
-    for _ in range(5000):
-        now[0] += rng.choice((0.0, 0.0, 0.1, 0.3, 0.5, 1.0))
-        if rng.random() < 0.01:
-            now[0] += rng.choice((window / 2, 1.5 * window, 40.0 * window))  # lulls, and one long enough to prune
-        spent = windows.take(held, now[0]) if held is not None else None
-        if spent is not None:
-            allowed, remaining = True, spent
-            taken += 1
-        else:
-            allowed, remaining, _ = windows.hit("caller", "k", amount, window)
-            held = windows.counter("caller", "k")
-        exact_allowed, exact_remaining = _exact_sliding_window(reference, "k", now[0], amount, window)
-        assert allowed == exact_allowed, now[0]
-        assert remaining <= exact_remaining
-        admitted += allowed
-    assert taken > 1000 and admitted < 5000  # credit was spent, and the limit was reached
+    assert asyncio.run(run()) == (False, True, 100)
 
 
-def test_remaining_is_exact_near_exhaustion_and_rounded_down_far_from_it() -> None:
-    from gateway.ratelimit import shown_remaining
+def test_failed_credentials_block_an_address_only_past_the_limit() -> None:
+    async def run() -> list[float]:
+        limiter = _limiter()
+        waits = [await limiter.auth_blocked_for("10.0.0.9")]
+        for _ in range(2):
+            await limiter.auth_failure("10.0.0.9")
+            waits.append(await limiter.auth_blocked_for("10.0.0.9"))
+        waits.append(await limiter.auth_blocked_for("10.0.0.8"))
+        return waits
 
-    table = {0: 0, 1: 1, 999: 999, 1000: 1000, 1009: 1000, 1999: 1990, 12345: 12300, 99_940_521: 99_900_000}
-    assert {r: shown_remaining(r) for r in table} == table
-    previous = 0
-    for r in [*range(3000), *range(3000, 10**7, 7919)]:
-        shown = shown_remaining(r)
-        assert shown <= r and r - shown <= r // 100  # never more than there is, and within 1%
-        assert shown >= previous  # monotonic: a line made at a higher r is right while r >= what it states
-        previous = shown
-
-
-def test_a_connection_reuses_a_line_only_while_it_states_the_exact_quota() -> None:
-    """The hot path's admit_now spends tokens, each a RateLimit line made once for many requests
-    (HeldCounter.remake); every answer must still carry exactly Policy.line(r, t) of that
-    request's own counting."""
-    import math
-    import random
-
-    from gateway.auth import Principal
-    from gateway.ratelimit import LocalWindows, RateLimiter, RateLimitMiddleware
-    from gateway.settings import RateLimitSettings
-
-    rng = random.Random(5)
-    now = [6000.0]
-    quota = 3000  # r runs through the rounded (>= 1000) and the exact range
-    limiter = RateLimiter(RateLimitSettings(per_caller=f"{quota}/minute"))
-    limiter.local = local = LocalWindows(clock=lambda: now[0])
-    middleware = RateLimitMiddleware(lambda *a: None, limiter)  # type: ignore[arg-type,return-value]
-    policy = limiter.per_caller
-    assert policy is not None
-    alice = Principal(id="key:alice", name="alice", role="viewer", method="key")
-    connections = [{"gateway.connection": {}} for _ in range(3)]  # three connections of one caller
-    reference: dict[str, list[float]] = {}
-    lines = set()
-    reused = 0
-    for _ in range(40000):
-        now[0] += rng.choice((0.0, 0.0, 0.0, 0.0, 0.001, 0.002, 0.01, 0.1))
-        scope = rng.choice(connections)
-        admitted = middleware.admit_now(scope, alice, "/cgi-bin/dl_cgi", now[0])
-        exact_allowed, exact_remaining = _exact_sliding_window(reference, "alice", now[0], quota, 60)
-        assert (admitted is not None) == exact_allowed, now[0]
-        if admitted is None:
-            continue
-        counter = local.counter(policy, alice.id)
-        assert counter is not None
-        remaining = LocalWindows.left(counter)  # this request's r: spent by a token, take or hit
-        assert exact_remaining - quota // 60 - 1 <= remaining <= exact_remaining  # a second's decay at most
-        reset_in = math.ceil(now[0] - now[0] % 60 + 60 - now[0])
-        assert admitted == (policy.policy_field, policy.line(remaining, reset_in))  # r as stated, t exact
-        reused += admitted[1] in lines
-        lines.add(admitted[1])
-    assert any(b"r=0;" in line for line in lines)  # the timeline reaches the limit
-    assert len(lines) > 1000 and reused > 10000  # lines are remade, and reused (tokens spent)
+    waits = asyncio.run(run())
+    assert waits[:2] == [0.0, 0.0] and waits[3] == 0.0
+    assert waits[2] >= 1.0
 
 
-def test_the_ratelimit_line_is_the_field_as_a_checked_encoder_writes_it() -> None:
-    import limits
-    from uvicorn.protocols.http import httptools_impl
+def test_with_redis_unreachable_limits_count_locally_and_never_fail() -> None:
+    """cluster.redis_url pointing at nothing: every check still decides, in this process."""
+    clock = [0.0]
+    shared = Shared(f"redis://127.0.0.1:{_free_port()}", clock=lambda: clock[0], timeout=0.2)
 
-    from gateway.httpproto import head_encoder
-    from gateway.ratelimit import Policy
+    async def run() -> list[bool]:
+        limiter = _limiter(shared)
+        assert limiter.per_caller is not None
+        out = []
+        for _ in range(6):
+            out.append((await limiter.check(limiter.per_caller, "alice")).allowed)
+            clock[0] += 2.0  # past Shared's retry pause: Redis is asked (and fails) every time
+        await shared.aclose()
+        return out
 
-    policy = Policy("caller", limits.parse("60/minute"))
-    encoder = head_encoder(httptools_impl)
-    assert encoder is not None
-    checked, _ = encoder.encode(200, [(b"content-length", b"0"), policy.fields(59, 30)[1]])
-    assert checked.endswith(b"\r\n" + policy.line(59, 30) + b"\r\n")
-    assert policy.line(59, 30) == b'ratelimit: "caller";r=59;t=30\r\n'
+    assert asyncio.run(run()) == [True] * 5 + [False]
+    assert not shared.available and shared.outages == 1  # one outage, logged once
 
 
-def test_an_address_is_maybe_blocked_only_once_it_has_failed_as_often_as_allowed() -> None:
-    import asyncio
+def test_redis_counts_are_shared_and_the_local_fallback_takes_over_when_it_goes(redis_url: str) -> None:
+    async def run() -> tuple[list[bool], list[bool]]:
+        one, two = Shared(redis_url), Shared(redis_url)
+        a, b = _limiter(one), _limiter(two)
+        assert a.per_caller is not None and b.per_caller is not None
+        shared_run = [(await (a if i % 2 else b).check(a.per_caller, "alice")).allowed for i in range(6)]
+        await one.aclose()
+        await two.aclose()
+        return shared_run, [one.available, two.available]
 
-    from gateway.ratelimit import RateLimiter
-    from gateway.settings import RateLimitSettings
-
-    async def scenario() -> list[tuple[bool, float]]:
-        limiter = RateLimiter(RateLimitSettings(auth_failures="3/minute"))
-        seen = []
-        for _ in range(4):
-            seen.append((limiter.may_be_blocked("192.0.2.7"), await limiter.auth_blocked_for("192.0.2.7")))
-            await limiter.auth_failure("192.0.2.7")
-        seen.append((limiter.may_be_blocked("192.0.2.7"), await limiter.auth_blocked_for("192.0.2.7")))
-        assert not limiter.may_be_blocked("192.0.2.8")
-        return seen
-
-    seen = asyncio.run(scenario())
-    # One or two failures: certainly not blocked, no call into limits needed. From the third, limits decides.
-    assert [maybe for maybe, _ in seen] == [False, False, False, True, True]
-    assert [wait > 0 for _, wait in seen] == [False, False, False, True, True]
+    decisions, available = asyncio.run(run())
+    assert decisions == [True] * 5 + [False]  # one count across both limiters
+    assert available == [True, True]

@@ -33,6 +33,7 @@ import httpx
 import pytest
 
 from gateway.simulator import RunningSimulator, SimOptions, start
+from gateway.simulator import data as sim_data
 from gateway.simulator.cli import add_arguments, options_from_args
 
 SERIAL = "ZT000085000549A0001"
@@ -682,12 +683,13 @@ def test_cli_arguments_build_options() -> None:
     opts = options_from_args(parser.parse_args(argv.split()))
     expected = SimOptions(
         port=0, firmware="localapi", serial="ZT123456789012345", latency_scale=0.1, seed=4, clock="06:30",
-        inverters=3, capacity=1, session_ttl=9.0, reboot_seconds=2.0, cert_dir="/tmp/x",
+        inverters=3, capacity=1, session_ttl=9.0, reboot_seconds=2.0, cert_dir="/tmp/x", ws_port=9002,
     )  # fmt: skip
     assert opts == expected
     assert opts.uses_tls and not opts.tls and opts.effective_reboot_seconds == 2.0
     defaults = options_from_args(parser.parse_args([]))
-    assert defaults == SimOptions() and defaults.effective_reboot_seconds == 480.0
+    # The command line serves telemetry on the PVS's port; in-process simulators only when asked.
+    assert defaults == SimOptions(ws_port=9002) and defaults.effective_reboot_seconds == 480.0
     assert SimOptions(latency_scale=0.001).effective_reboot_seconds == 1.0
     assert SimOptions(latency_scale=0.1).effective_overload_window == 3.0
     for bad in (["--clock", "25:00"], ["--capacity", "0"], ["--port", "70000"], ["--latency-scale", "-1"]):
@@ -705,7 +707,7 @@ def test_runs_as_a_process_and_stops_cleanly_on_signals() -> None:
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
         )
-        for extra in ([], ["--firmware", "localapi", "--serial", "ZT0000000000000XYZ12"])
+        for extra in ([], ["--firmware", "localapi", "--serial", "ZT0000000000000XYZ12", "--ws-port", "0"])
     ]
     try:
         cases = zip(procs, (signal.SIGTERM, signal.SIGINT), ("http", "https"), ("legacy", "localapi"), strict=True)
@@ -747,3 +749,151 @@ def test_the_simulator_imports_nothing_else_from_gateway() -> None:
     offenders = [o for o in offenders if ": gateway.simulator" not in o]
     assert not offenders
     assert (SIM_DIR / "__init__.py").exists() and len(list(SIM_DIR.rglob("*.py"))) > 5
+
+
+# ---------------------------------------------------------------- telemetry WebSocket
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _enable_telemetry(sim: Sim, value: str = "1") -> None:
+    with sim.client() as c:
+        sim.login(c)
+        assert c.get(f"/vars?set=/sys/telemetryws/enable={value}").status_code == 200
+
+
+def _frames(url: str, seconds: float, *, limit: int = 1000) -> tuple[list[tuple[float, dict[str, Any]]], Any]:
+    """Frames received in ``seconds`` (with arrival times), and the close frame if the device closed."""
+    from websockets.exceptions import ConnectionClosed
+    from websockets.sync.client import connect
+
+    got: list[tuple[float, dict[str, Any]]] = []
+    closed = None
+    deadline = time.monotonic() + seconds
+    with connect(url, open_timeout=5) as ws:
+        try:
+            while len(got) < limit and (left := deadline - time.monotonic()) > 0:
+                try:
+                    got.append((time.monotonic(), json.loads(ws.recv(timeout=left))))
+                except TimeoutError:
+                    break
+        except ConnectionClosed as exc:
+            closed = exc.rcvd
+    return got, closed
+
+
+def test_telemetry_socket_sends_a_frame_on_connect_then_on_change(make_sim: Callable[..., Sim]) -> None:
+    scale = 0.01  # value changes 0.02-0.6 s apart
+    sim = make_sim(firmware="localapi", ws_port=_free_port(), latency_scale=scale)
+    assert sim.running.ws_url == f"ws://127.0.0.1:{sim.running.ws_port}"
+    _enable_telemetry(sim)
+    start = time.monotonic()
+    frames, closed = _frames(sim.running.ws_url, 4.0)
+    assert closed is None
+    assert frames[0][0] - start < 1.0  # one frame as soon as the client connects
+    assert len(frames) >= 4
+    first = frames[0][1]
+    assert first["notification"] == "power"
+    sample = sim_data.sample(sim_data.WS_POWER)
+    assert list(first["params"])[: len(sample["params"])] == list(sample["params"])  # the device's fields, in order
+    site = sim.site()
+    for _, frame in frames:
+        p = frame["params"]
+        assert abs(p["net_p"] - (p["site_load_p"] - p["pv_p"])) < 1e-3  # load = pv + grid
+        assert abs(p["pv_p"] - site["production_kw"]) <= 0.05 * site["production_kw"] + 1e-9
+        assert p["pv_en"] == pytest.approx(site["production_kwh"], abs=1.0)
+        assert abs(p["time"] - time.time()) < 86400
+    # Only changes are sent: consecutive frames differ, and gaps stay within the quiet period.
+    params = [json.dumps(f["params"], sort_keys=True) for _, f in frames]
+    assert all(a != b for a, b in itertools.pairwise(params))
+    gaps = [b[0] - a[0] for a, b in itertools.pairwise(frames)]
+    assert max(gaps) < 60 * scale + 0.5
+    stats = sim.stats()
+    assert stats["ws_connections"] == 1
+    deadline = time.monotonic() + 3
+    while sim.stats()["ws_clients"] and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert sim.stats()["ws_clients"] == 0
+
+
+def test_telemetry_socket_is_silent_while_disabled(make_sim: Callable[..., Sim]) -> None:
+    from websockets.sync.client import connect
+
+    sim = make_sim(firmware="localapi", ws_port=_free_port(), latency_scale=0.02)  # closed after 12 s
+    assert sim.var("/sys/telemetryws/enable") == "0"
+    with connect(sim.running.ws_url, open_timeout=5) as ws:
+        with pytest.raises(TimeoutError):
+            ws.recv(timeout=2.5)  # several value changes (<= 1.2 s apart) and nothing sent
+        assert sim.stats()["ws_clients"] == 1
+        _enable_telemetry(sim)
+        frame = json.loads(ws.recv(timeout=4))
+        assert frame["notification"] == "power"
+        _enable_telemetry(sim, "0")
+        time.sleep(0.2)
+        with pytest.raises(TimeoutError):
+            while True:  # what was already on its way may arrive; then silence
+                ws.recv(timeout=2.5)
+
+
+def test_the_device_closes_each_telemetry_socket_after_ten_scaled_minutes(make_sim: Callable[..., Sim]) -> None:
+    scale = 0.002  # 600 s -> 1.2 s
+    sim = make_sim(firmware="localapi", ws_port=_free_port(), latency_scale=scale)
+    _enable_telemetry(sim)
+    start = time.monotonic()
+    frames, closed = _frames(sim.running.ws_url, 10.0)
+    lasted = time.monotonic() - start
+    assert closed is not None and closed.code == 1000
+    assert 1.0 < lasted < 5.0, lasted
+    assert frames  # it did stream before closing
+    frames, closed = _frames(sim.running.ws_url, 10.0)  # a client simply reconnects
+    assert closed is not None and frames
+    assert sim.stats()["ws_connections"] == 2
+
+
+def test_a_reboot_drops_telemetry_sockets_and_refuses_new_ones_until_back(make_sim: Callable[..., Sim]) -> None:
+    from websockets.exceptions import ConnectionClosed, InvalidMessage
+    from websockets.sync.client import connect
+
+    sim = make_sim(firmware="localapi", ws_port=_free_port(), latency_scale=0.005)
+    _enable_telemetry(sim)
+    with connect(sim.running.ws_url, open_timeout=5) as ws:
+        ws.recv(timeout=3)
+        assert sim.fault("reboot", seconds=1.5).status_code == 200
+        with pytest.raises(ConnectionClosed):
+            while True:
+                ws.recv(timeout=3)
+    with pytest.raises((ConnectionClosed, InvalidMessage, OSError, EOFError)), connect(
+        sim.running.ws_url, open_timeout=2
+    ) as ws:
+        ws.recv(timeout=2)
+    deadline = time.monotonic() + 10
+    while sim.stats()["rebooting"] and time.monotonic() < deadline:
+        time.sleep(0.1)
+    frames, _ = _frames(sim.running.ws_url, 2.0, limit=1)  # back: the setting survived the reboot
+    assert frames and frames[0][1]["notification"] == "power"
+
+
+def test_telemetry_socket_is_localapi_only_and_announced_in_the_ready_line() -> None:
+    port = _free_port()
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "gateway.simulator", "--port", "0", "--ws-port", str(port), *extra],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+        )
+        for extra in (["--firmware", "localapi"], [])
+    ]
+    try:
+        lines = [p.stdout.readline().decode() for p in procs if p.stdout]
+        assert lines[0].rstrip().endswith(f" ws=ws://127.0.0.1:{port}"), lines[0]
+        assert " ws=" not in lines[1]  # legacy firmware has no telemetry socket
+    finally:
+        for proc in procs:
+            proc.send_signal(signal.SIGINT)
+            proc.wait(timeout=10)
+            if proc.stdout:
+                proc.stdout.close()

@@ -17,6 +17,8 @@ import shutil
 import socket
 import ssl
 import stat
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -34,6 +36,7 @@ from gateway.settings import ServerSettings, Settings
 from tests.threaded_server import serve_in_thread
 
 EXTRA = ("pvs-gateway.example.lan", "192.0.2.10")
+ROOT = Path(__file__).resolve().parent.parent
 V = ssl.TLSVersion
 
 
@@ -146,7 +149,8 @@ def test_key_files_are_private_from_creation(cert_dir: Path) -> None:
     assert stat.S_IMODE(cert_dir.stat().st_mode) == 0o700
     assert stat.S_IMODE(paths.ca_key.stat().st_mode) == 0o600
     assert stat.S_IMODE(paths.leaf_key.stat().st_mode) == 0o600
-    assert sorted(p.name for p in cert_dir.iterdir()) == sorted([tls.CA_CERT, tls.CA_KEY, tls.LEAF_CERT, tls.LEAF_KEY])
+    assert sorted(p.name for p in cert_dir.iterdir()) == sorted([tls.CA_CERT, tls.CA_KEY, tls.LEAF_CERT, tls.LEAF_KEY, tls.LOCK_FILE])
+    assert stat.S_IMODE((cert_dir / tls.LOCK_FILE).stat().st_mode) == 0o600
 
 
 def test_ca_and_leaf_are_reused(cert_dir: Path) -> None:
@@ -192,6 +196,17 @@ def test_leaf_from_another_ca_is_replaced(cert_dir: Path, tmp_path: Path) -> Non
     assert tls.fingerprint(paths.ca_cert) == ca_fp
 
 
+@pytest.mark.parametrize("damaged", [tls.LEAF_CERT, tls.LEAF_KEY])
+def test_a_damaged_leaf_is_simply_reissued_under_the_same_ca(cert_dir: Path, damaged: str) -> None:
+    """Nobody trusts a leaf directly, so unlike the CA it is ours to remake."""
+    paths = tls.ensure_certificates(cert_dir, ())
+    ca_fp, leaf_fp = tls.fingerprint(paths.ca_cert), tls.fingerprint(paths.leaf_cert)
+    (cert_dir / damaged).write_bytes(b"\x00garbage")
+    tls.ensure_certificates(cert_dir, ())
+    assert tls.fingerprint(paths.ca_cert) == ca_fp and tls.fingerprint(paths.leaf_cert) != leaf_fp
+    load(paths.leaf_cert).verify_directly_issued_by(load(paths.ca_cert))
+
+
 def test_ca_whose_key_is_lost_is_never_silently_replaced(cert_dir: Path) -> None:
     paths = tls.ensure_certificates(cert_dir, ())
     before = paths.ca_cert.read_bytes()
@@ -199,6 +214,51 @@ def test_ca_whose_key_is_lost_is_never_silently_replaced(cert_dir: Path) -> None
     with pytest.raises(tls.TLSSetupError, match="key"):
         tls.ensure_certificates(cert_dir, ())
     assert paths.ca_cert.read_bytes() == before
+
+
+def test_ca_key_without_its_certificate_is_refused_not_replaced(cert_dir: Path) -> None:
+    """Devices may trust the CA of this key: a new CA would break them all (issue 20)."""
+    paths = tls.ensure_certificates(cert_dir, ())
+    key_before = paths.ca_key.read_bytes()
+    paths.ca_cert.unlink()
+    for call in (lambda: tls.ensure_certificates(cert_dir, ()), lambda: tls.renew_leaf(cert_dir, ())):
+        with pytest.raises(tls.TLSSetupError) as caught:
+            call()
+        message = str(caught.value)
+        assert "\n" not in message
+        assert str(paths.ca_cert) in message and "missing" in message and f"delete {paths.ca_key}" in message
+    assert not paths.ca_cert.exists() and paths.ca_key.read_bytes() == key_before
+    assert tls.check_cert_dir(cert_dir) == [message]
+
+
+@pytest.mark.parametrize("damaged", [tls.CA_CERT, tls.CA_KEY])
+def test_a_damaged_ca_file_is_named_and_nothing_is_replaced(cert_dir: Path, damaged: str) -> None:
+    paths = tls.ensure_certificates(cert_dir, ())
+    (cert_dir / damaged).write_text("-----BEGIN garbage-----\n")
+    before = {p.name: p.read_bytes() for p in cert_dir.iterdir()}
+    with pytest.raises(tls.TLSSetupError) as caught:
+        tls.ensure_certificates(cert_dir, ())
+    message = str(caught.value)
+    other = tls.CA_KEY if damaged == tls.CA_CERT else tls.CA_CERT
+    assert message.startswith(f"{cert_dir / damaged} is not a readable"), message
+    assert f"{cert_dir / other} is" not in message  # the right file is blamed
+    assert "\n" not in message and "restore it" in message
+    assert {p.name: p.read_bytes() for p in cert_dir.iterdir()} == before
+    assert tls.check_cert_dir(cert_dir) == [message]
+    with pytest.raises(tls.TLSSetupError, match=damaged):
+        tls.describe(cert_dir) if damaged == tls.CA_CERT else tls.renew_leaf(cert_dir, ())
+    assert paths.leaf_cert.read_bytes() == before[tls.LEAF_CERT]
+
+
+def test_ca_and_key_that_do_not_belong_together_are_refused(cert_dir: Path, tmp_path: Path) -> None:
+    paths = tls.ensure_certificates(cert_dir, ())
+    other = tls.ensure_certificates(tmp_path / "other", ())
+    shutil.copy(other.ca_key, paths.ca_key)
+    problems = tls.check_cert_dir(cert_dir)
+    assert len(problems) == 1 and problems[0].startswith(f"{paths.ca_key} does not belong to {paths.ca_cert}")
+    with pytest.raises(tls.TLSSetupError, match="does not belong"):
+        tls.ensure_certificates(cert_dir, ())
+    assert tls.check_cert_dir(tmp_path / "empty") == [] and tls.check_cert_dir(other.ca_cert.parent) == []
 
 
 def test_renew_leaf_forces_a_new_leaf(cert_dir: Path) -> None:
@@ -412,3 +472,130 @@ def test_bad_configured_names_are_reported() -> None:
     assert tls.hostname_problems(["pvs.example.lan", "*.example.lan", "192.0.2.1", "[::1]", "ünï.example"]) == []
     problems = tls.hostname_problems(["bad name", "a..b"])
     assert len(problems) == 2 and all(p.startswith("server.hostnames:") for p in problems)
+
+
+# ---------------------------------------------------------------- files that cannot be written, reloads
+
+
+def _limited(script: str, max_file_bytes: int) -> subprocess.CompletedProcess[str]:
+    """Run ``script`` in a Python whose regular-file writes stop at ``max_file_bytes``: a full
+    disk that works for every user (root included, who ignores directory modes)."""
+    prologue = (
+        "import logging, resource, signal\n"
+        "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"  # EFBIG instead of being killed
+        f"resource.setrlimit(resource.RLIMIT_FSIZE, ({max_file_bytes}, {max_file_bytes}))\n"
+        "logging.basicConfig(level=logging.INFO, format='%(levelname)s %(name)s: %(message)s')\n"
+    )
+    return subprocess.run([sys.executable, "-c", prologue + script], capture_output=True, text=True, timeout=60, cwd=ROOT, check=False)
+
+
+@pytest.mark.parametrize(
+    "limit, fails_on",
+    # 64 bytes: the new key's temp file fails. 400: the key (241 bytes) is written, the
+    # certificate (~700) is not; the old pair must still be whole, not a new key beside the old cert.
+    [(64, tls.LEAF_KEY), (400, tls.LEAF_CERT)],
+)
+def test_a_renewal_that_cannot_be_written_keeps_the_valid_leaf(cert_dir: Path, limit: int, fails_on: str) -> None:
+    paths = tls.ensure_certificates(cert_dir, ())
+    assert len(paths.leaf_key.read_bytes()) < 400 < len(paths.leaf_cert.read_bytes())
+    tls.renew_leaf(cert_dir, (), now=now() - dt.timedelta(days=80))  # 10 days left: renewal due
+    before = {p.name: p.read_bytes() for p in cert_dir.iterdir()}
+    script = (
+        "from gateway import tls\n"
+        f"d = {str(cert_dir)!r}\n"
+        "t = tls.ReloadingServerTLS(d + '/leaf.pem', d + '/leaf.key', cert_dir=d)\n"
+        "print('serving', t.fingerprint, 'failures', tls.renewal_failures(d))\n"
+    )
+    done = _limited(script, limit)
+    assert done.returncode == 0, done.stderr
+    assert f"serving {tls.fingerprint(paths.leaf_cert)} failures 1" in done.stdout
+    warnings = [line for line in done.stderr.splitlines() if line.startswith("WARNING gateway.tls")]
+    assert len(warnings) == 1, done.stderr
+    assert "could not renew the server certificate" in warnings[0] and f"cannot write {cert_dir / fails_on}:" in warnings[0]
+    assert "Traceback" not in done.stderr
+    # Neither file of the pair was replaced, and no temp file is left behind.
+    assert {p.name: p.read_bytes() for p in cert_dir.iterdir()} == before
+
+
+def test_an_expired_leaf_that_cannot_be_renewed_is_one_line_naming_the_file(cert_dir: Path) -> None:
+    tls.ensure_certificates(cert_dir, ())
+    tls.renew_leaf(cert_dir, (), now=now() - dt.timedelta(days=100))  # expired 10 days ago
+    script = (
+        "from gateway import tls\n"
+        "try:\n"
+        f"    tls.ensure_certificates({str(cert_dir)!r}, ())\n"
+        "except tls.CertWriteError as exc:\n"
+        "    print('refused:', exc)\n"
+    )
+    done = _limited(script, 64)
+    assert done.returncode == 0, done.stderr
+    (line,) = done.stdout.splitlines()
+    assert line.startswith(f"refused: cannot write {cert_dir / tls.LEAF_KEY}: File too large"), line
+
+
+def test_reload_is_synchronous_never_raises_and_keeps_serving(cert_dir: Path, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="gateway.tls")
+    paths = tls.ensure_certificates(cert_dir, ())
+    server_tls = tls.ReloadingServerTLS(paths.leaf_cert, paths.leaf_key, cert_dir=cert_dir)
+    first = server_tls.fingerprint
+    with tls_server(server_tls.context) as port:
+        assert server_tls.reload() is False  # nothing due, nothing changed
+        tls.renew_leaf(cert_dir, ())  # e.g. `certs renew` in another process
+        assert server_tls.reload() is True
+        renewed = server_tls.fingerprint
+        assert renewed != first and sha256(handshake(port, cafile=paths.ca_cert)[0]) == pem_sha256(paths.leaf_cert)
+
+        paths.ca_cert.write_text("damaged")  # the CA file breaks while serving
+        caplog.clear()
+        assert server_tls.reload() is False
+        errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+        assert len(errors) == 1 and str(paths.ca_cert) in errors[0], errors
+        assert server_tls.fingerprint == renewed
+        assert sha256(handshake(port)[0]) == pem_sha256(paths.leaf_cert)  # still served, same leaf
+
+
+def test_files_mode_reload_of_a_damaged_certificate_keeps_the_old_one(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    issued = tls.ensure_certificates(tmp_path / "issued", ())
+    cert, key = tmp_path / "cert.pem", tmp_path / "cert.key"
+    shutil.copy(issued.leaf_cert, cert)
+    shutil.copy(issued.leaf_key, key)
+    server_tls = tls.ReloadingServerTLS(cert, key)
+    with tls_server(server_tls.context) as port:
+        cert.write_text("-----BEGIN CERTIFICATE-----\nnot base64\n-----END CERTIFICATE-----\n")
+        caplog.clear()
+        assert server_tls.reload() is False
+        warned = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+        assert len(warned) == 1 and str(cert) in warned[0] and "\n" not in warned[0]
+        assert sha256(handshake(port)[0]) == pem_sha256(issued.leaf_cert)
+        key.unlink()
+        assert server_tls.reload() is False  # a missing key: the same
+        assert sha256(handshake(port)[0]) == pem_sha256(issued.leaf_cert)
+
+
+def test_gateways_starting_together_on_an_empty_cert_dir_make_one_ca(tmp_path: Path) -> None:
+    """issue 22 item 5: a file lock in cert_dir; the second process uses what the first made."""
+    script = (
+        "import logging, sys, time\n"
+        "from gateway import tls\n"
+        "logging.basicConfig(level=logging.INFO)\n"
+        "start, d = float(sys.argv[1]), sys.argv[2]\n"
+        "time.sleep(max(0.0, start - time.time()))\n"  # everyone leaves the gate together
+        "p = tls.ensure_certificates(d, ())\n"
+        "print(tls.fingerprint(p.ca_cert), tls.fingerprint(p.leaf_cert))\n"
+    )
+    for attempt in range(6):
+        shared = tmp_path / f"shared{attempt}" / "certs"
+        start = time.time() + 1.5  # after every interpreter has imported cryptography
+        procs = [
+            subprocess.Popen([sys.executable, "-c", script, str(start), str(shared)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+            for _ in range(4)
+        ]
+        results = [p.communicate(timeout=60) for p in procs]
+        assert all(p.returncode == 0 for p in procs), results
+        seen = {tuple(out.split()) for out, _ in results}
+        assert len(seen) == 1, (attempt, seen)  # one CA and one leaf, the same for all
+        ((ca_fp, leaf_fp),) = seen
+        assert ca_fp == tls.fingerprint(shared / tls.CA_CERT) and leaf_fp == tls.fingerprint(shared / tls.LEAF_CERT)
+        created = sum(err.count("created local CA") for _, err in results)
+        assert created == 1, results
+        load(shared / tls.LEAF_CERT).verify_directly_issued_by(load(shared / tls.CA_CERT))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import socket
 import ssl
 import subprocess
@@ -13,7 +14,14 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.harness import Gateway, Simulator
+from tests.harness import (
+    BASE_CONFIG,
+    Gateway,
+    Simulator,
+    _merge,
+    _wait_for_line,
+    toml_dumps,
+)
 
 TLS = {"server": {"tls": "self-signed", "hostnames": ["pvs.home.test", "192.0.2.44"]}}
 
@@ -104,20 +112,50 @@ def test_restart_keeps_the_ca_and_certs_renew_swaps_the_leaf_live(simulator: Sim
         assert oct((gw.ca.parent / key).stat().st_mode & 0o777) == "0o600"
 
 
-def test_plain_http_listener_only_redirects(simulator: Simulator, make_gateway) -> None:
+def test_plain_http_port_redirects_others_to_https_by_the_configured_name(simulator: Simulator, make_gateway) -> None:
+    """SPEC server.http_port: a client not in auth.allow_anonymous_from gets 308 to
+    https://<first of hostnames>:<port>/<same path and query>, never built from its Host."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        redirect_port = s.getsockname()[1]
-    gw = make_gateway(simulator.url, {**TLS, "server": {**TLS["server"], "http_redirect_port": redirect_port}})
+        http_port = s.getsockname()[1]
+    gw = make_gateway(simulator.url, {**TLS, "server": {**TLS["server"], "http_port": http_port}})
     https_port = gw.url.rsplit(":", 1)[1]
-    deadline = time.monotonic() + 5
-    while True:
-        try:
-            r = httpx.get(f"http://localhost:{redirect_port}/cgi-bin/dl_cgi?Command=DeviceList")
-            break
-        except httpx.ConnectError:
-            assert time.monotonic() < deadline
-            time.sleep(0.1)
+    r = httpx.get(f"http://127.0.0.1:{http_port}/cgi-bin/dl_cgi?Command=DeviceList", headers={"Host": "evil.example"})
     assert r.status_code == 308
-    assert r.headers["location"] == f"https://localhost:{https_port}/cgi-bin/dl_cgi?Command=DeviceList"
+    assert r.headers["location"] == f"https://pvs.home.test:{https_port}/cgi-bin/dl_cgi?Command=DeviceList"
     assert r.content == b""
+
+
+def test_gateways_started_together_on_one_empty_cert_dir_serve_one_ca(simulator: Simulator, tmp_path: Path) -> None:
+    """issue 22 item 5: the certificates in a shared cert_dir are made under a file lock."""
+    for attempt in range(5):
+        shared = tmp_path / f"round{attempt}" / "certs"
+        procs = []
+        for i in range(3):
+            workdir = tmp_path / f"round{attempt}" / f"gw{i}"
+            workdir.mkdir(parents=True)
+            config = _merge(BASE_CONFIG, {"upstream": {"url": simulator.url}, "server": {"tls": "self-signed", "cert_dir": str(shared)}})
+            (workdir / "pvs-gateway.toml").write_text(toml_dumps(config))
+            log = workdir / "gateway.log"
+            with log.open("wb") as out:
+                proc = subprocess.Popen(
+                    [sys.executable, "-m", "gateway", "serve", "--config", str(workdir / "pvs-gateway.toml")],
+                    cwd=workdir, stdout=out, stderr=subprocess.STDOUT,
+                )
+            procs.append((proc, log))
+        try:
+            ports = []
+            for proc, log in procs:
+                match = _wait_for_line(proc, log, re.compile(r"pvs-gateway listening on https://\S+:(\d+)"), "gateway")
+                ports.append(int(match.group(1)))
+            ca = shared / "ca.pem"
+            leaves = {_peer_fingerprint(port, str(ca), "localhost") for port in ports}  # each verifies against the one CA
+            assert len(leaves) == 1, (attempt, leaves)
+            logs = "".join(log.read_text() for _, log in procs)
+            assert logs.count("created local CA") == 1, logs
+            assert sorted(p.name for p in shared.glob("*.pem")) == ["ca.pem", "leaf.pem"]
+        finally:
+            for proc, _ in procs:
+                proc.terminate()
+            for proc, _ in procs:
+                proc.wait(timeout=15)

@@ -807,11 +807,13 @@ def test_example_config_names_every_setting_and_passes_check() -> None:
         if value != vars(getattr(defaults, section))[key]
     }
     marked = {line.split("=")[0].strip() for line in path.read_text().splitlines() if "# CHANGED" in line}
-    assert changed == {"server.cert_dir", "auth.keys_file"} and marked == {"cert_dir", "keys_file"}
+    assert changed == {"server.cert_dir", "auth.keys_file"} and marked == {"cert_dir", "keys_file", "path"}
+    assert loaded.history.path != defaults.history.path
     # ... and those point into the systemd unit's StateDirectory (the only writable place under ProtectSystem=strict).
     unit = (DEPLOY / "pvs-gateway.service").read_text()
     state_dir = "/var/lib/" + re.search(r"^StateDirectory=(\S+)", unit, re.MULTILINE).group(1)  # type: ignore[union-attr]
     assert loaded.server.cert_dir.startswith(state_dir + "/") and loaded.auth.keys_file.startswith(state_dir + "/")
+    assert loaded.history.path.startswith(state_dir + "/")
 
 
 def _unit_settings(text: str) -> dict[str, list[str]]:

@@ -14,7 +14,8 @@ File, owned by the CLI (``pvs-gateway keys ...``)::
       "hash": "sha256:...", "created": "2025-01-02T03:04:05Z", "expires": null,
       "revoked": null, "rate_limit": null}]}
 
-The running gateway only reads it (``KeyStore.reload_if_changed``). Last-used times
+The running gateway only reads it (``KeyStore.reload_if_changed``), and refuses it
+while group or others may write it, as ssh refuses such a key file. Last-used times
 live in memory and go to ``<stem>.state.json`` next to it (``{kid: iso}``) at most
 once a minute and on shutdown, so requests never rewrite the key file (SD-card wear
 on a Pi, and no write race with the CLI).
@@ -26,14 +27,11 @@ import asyncio
 import base64
 import contextlib
 import difflib
-import errno
-import fcntl
 import hashlib
 import hmac
 import json
 import logging
 import math
-import os
 import re
 import secrets
 import stat
@@ -46,7 +44,7 @@ from pathlib import Path
 from typing import Any
 
 from gateway.auth import ROLES, Principal
-from gateway.files import write_atomic
+from gateway.files import flocked, remove_stale_temps, write_atomic
 
 __all__ = [
     "KEY_PREFIX",
@@ -54,6 +52,7 @@ __all__ = [
     "KeyStore",
     "KeyStoreError",
     "add_key",
+    "file_problems",
     "key_id",
     "list_keys",
     "lock_path_for",
@@ -78,6 +77,8 @@ _HASH_RE = re.compile(r"sha256:[0-9a-f]{64}")
 _DUMMY_DIGEST = hashlib.sha256(b"pvs-gateway unknown key").digest()
 # How long a CLI command waits for another one to release the key file.
 LOCK_TIMEOUT = 10.0
+# A temp file older than this cannot belong to a write still going on (they take milliseconds).
+STALE_TEMP_AGE = 60.0
 MAX_EXPIRES_DAYS = 36500
 
 
@@ -265,8 +266,13 @@ def _atomic_write(path: Path, content: bytes) -> None:
 
 
 def _write_records(path: Path, records: list[KeyRecord]) -> None:
+    """Replace the key file (the caller holds ``_locked``, so any temp file left is a killed writer's)."""
     document = {"version": FILE_VERSION, "keys": [r.to_json() for r in records]}
-    _atomic_write(path, (json.dumps(document, indent=2) + "\n").encode("utf-8"))
+    remove_stale_temps(path)
+    try:
+        _atomic_write(path, (json.dumps(document, indent=2) + "\n").encode("utf-8"))
+    except OSError as exc:
+        raise KeyStoreError(f"cannot write {path}: {exc.strerror or exc}; nothing was changed") from None
 
 
 @contextlib.contextmanager
@@ -276,28 +282,46 @@ def _locked(path: Path, timeout: float = LOCK_TIMEOUT) -> Iterator[None]:
     The lock is on a separate file because the key file itself is replaced, not
     rewritten: a lock on the old inode would not exclude a writer of the new one.
     """
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        fd = os.open(lock_path_for(path), os.O_RDWR | os.O_CREAT, 0o600)
-    except OSError as exc:
-        raise KeyStoreError(f"cannot open lock file next to {path}: {exc.strerror or exc}") from None
-    try:
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except OSError as exc:
-                if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                    raise KeyStoreError(f"cannot lock {lock_path_for(path)}: {exc.strerror}") from None
-                if time.monotonic() >= deadline:
-                    raise KeyStoreError(
-                        f"{path} is locked by another 'pvs-gateway keys' command; try again"
-                    ) from None
-                time.sleep(0.05)
+    with contextlib.ExitStack() as stack:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            stack.enter_context(flocked(lock_path_for(path), timeout=timeout))
+        except TimeoutError:
+            raise KeyStoreError(f"{path} is locked by another 'pvs-gateway keys' command; try again") from None
+        except OSError as exc:
+            raise KeyStoreError(f"cannot lock {lock_path_for(path)}: {exc.strerror or exc}") from None
         yield
-    finally:
-        os.close(fd)  # closing releases the flock
+
+
+def _writable_by_others(mode: int) -> bool:
+    return bool(mode & (stat.S_IWGRP | stat.S_IWOTH))
+
+
+def _writable_problem(path: Path) -> str:
+    return f"{path} is writable by group or others, so anyone who can write it can add keys; run: chmod 600 {path}"
+
+
+def file_problems(path: Path) -> list[str]:
+    """What ``check`` and ``serve`` refuse in a key file: unreadable, corrupt, writable by others.
+
+    A missing file is no problem (no keys yet). Each problem is one line naming the file.
+    """
+    path = Path(path)
+    try:
+        st = path.stat()
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        return []
+    except OSError as exc:
+        return [f"cannot read {path}: {exc.strerror or exc}"]
+    problems = []
+    if _writable_by_others(st.st_mode):
+        problems.append(_writable_problem(path))
+    try:
+        _parse_file(raw)
+    except (ValueError, RecursionError) as exc:
+        problems.append(f"{path} is corrupt ({exc}); fix it or restore it from a backup")
+    return problems
 
 
 def _read_state(path: Path) -> dict[str, str]:
@@ -366,7 +390,9 @@ def add_key(
         records = _read_records(path)
         for existing in records:
             if existing.name == name:
-                hint = "" if existing.is_active() else f" ({existing.status()}; 'rotate' reissues it)"
+                status = existing.status()
+                how = "'keys rotate --expires-days N'" if status == "expired" else "'keys rotate'"
+                hint = "" if status == "active" else f" ({status}; {how} reissues it)"
                 raise KeyStoreError(f"a key named {name!r} already exists{hint}")
         kid, full_key = _new_key({r.id for r in records})
         created = _now().replace(microsecond=0)
@@ -422,29 +448,41 @@ def revoke_key(path: Path, name: str) -> KeyRecord:
     return records[i]
 
 
-def rotate_key(path: Path, name: str) -> tuple[KeyRecord, str]:
-    """Replace a key by a new one with the same name, role, rate limit and lifetime.
+def rotate_key(path: Path, name: str, expires_days: float | None = None) -> tuple[KeyRecord, str]:
+    """Replace a key's secret: a new key (new kid) with the same name, role, rate limit and expiry.
 
     The old kid disappears from the file, so the old key stops working as soon as
-    the gateway reloads. An expiring key keeps its lifetime (expires - created),
-    counted from now: rotating a 90-day key gives another 90 days, and rotating an
-    expired or revoked key reissues it.
+    the gateway reloads. The expiry is kept, not restarted: rotating replaces a
+    secret, it does not extend a guest's key. Extending is an explicit
+    ``expires_days`` (counted from now); an expired key can only be reissued so.
+    A revoked key is reissued (its name is kept for it).
     """
     path = Path(path)
+    if expires_days is not None and not (0 < expires_days <= MAX_EXPIRES_DAYS):
+        raise KeyStoreError(f"invalid expiry: days must be between 1 and {MAX_EXPIRES_DAYS} (got {expires_days})")
     with _locked(path):
         records = _read_records(path)
         i = _find(records, name)
         old = records[i]
-        kid, full_key = _new_key({r.id for r in records})
         created = _now().replace(microsecond=0)
-        lifetime = None if old.expires is None else old.expires - old.created
+        expires: datetime | None
+        if expires_days is not None:
+            expires = (created + timedelta(days=expires_days)).replace(microsecond=0)
+        elif old.expires is not None and old.expires <= created:
+            raise KeyStoreError(
+                f"key {name!r} expired at {_iso(old.expires)}; rotating keeps the expiry, "
+                "so give a new one: keys rotate NAME --expires-days N"
+            )
+        else:
+            expires = old.expires
+        kid, full_key = _new_key({r.id for r in records})
         records[i] = KeyRecord(
             id=kid,
             name=old.name,
             role=old.role,
             hash=_hash_key(full_key),
             created=created,
-            expires=None if lifetime is None else created + lifetime,
+            expires=expires,
             rate_limit=old.rate_limit,
         )
         _write_records(path, records)
@@ -473,13 +511,15 @@ class KeyStore:
         # in the new one, so a revoked key cannot outlive the reload that removed it.
         self._current: tuple[dict[str, tuple[KeyRecord, bytes]], dict[bytes, tuple[KeyRecord, float]]] = ({}, {})
         self._principals: dict[str, tuple[KeyRecord, Principal]] = {}
-        # None: never looked; "missing": no file; else (inode, mtime_ns, size).
+        # None: never looked; "missing": no file; else (inode, mtime_ns, size, mode).
         self._signature: object = None
         self._usage: dict[str, float] = {}  # kid -> last use, seconds since the epoch
         self._dirty = False
         self._usage_lock = threading.Lock()
         self._flush_lock = threading.Lock()
         self._last_flush = time.monotonic()
+        # A `keys add` killed mid-write may have left its temp file behind.
+        remove_stale_temps(self.path, older_than=STALE_TEMP_AGE)
         self.reload_if_changed()
 
     def __len__(self) -> int:
@@ -488,7 +528,11 @@ class KeyStore:
     # -- loading
 
     def reload_if_changed(self) -> bool:
-        """Re-read the key file if it changed; True when the keys in use were replaced."""
+        """Re-read the key file if it changed; True when the keys in use were replaced.
+
+        Synchronous and never raises (SIGHUP and the watcher call it): a file that
+        cannot be used is one log line naming it, and the keys loaded before stay.
+        """
         try:
             st = self.path.stat()
         except FileNotFoundError:
@@ -505,17 +549,18 @@ class KeyStore:
         except OSError as exc:
             log.error("cannot stat key file %s: %s; keeping the keys loaded", self.path, exc)
             return False
-        signature = (st.st_ino, st.st_mtime_ns, st.st_size)
+        signature = (st.st_ino, st.st_mtime_ns, st.st_size, st.st_mode)  # mode: `chmod 600` is a change
         if signature == self._signature:
             return False
         # Remember the signature even if the content is bad: one error per bad version,
         # not one every poll.
         self._signature = signature
-        if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
-            log.warning("key file %s is writable by other users; anyone who can write it can add keys", self.path)
+        if _writable_by_others(st.st_mode):
+            log.error("refusing key file: %s (keeping the %d keys loaded before)", _writable_problem(self.path), len(self._index))
+            return False
         try:
             records = _parse_file(self.path.read_bytes())
-        except (OSError, ValueError) as exc:
+        except (OSError, ValueError, RecursionError) as exc:
             log.error(
                 "key file %s is unreadable or corrupt (%s); keeping the %d keys loaded before",
                 self.path,

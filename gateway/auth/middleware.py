@@ -2,16 +2,17 @@
 
 Order of checks for a request:
 1. Open paths (/healthz, /readyz, the OIDC login endpoints) pass untouched.
-2. A client IP over ``ratelimit.auth_failures`` gets 429, even with a valid
-   key, until its window passes (brute force), logged once per window.
-3. Credentials, in this order: Authorization (Bearer API key or JWT, Basic
+2. Credentials, in this order: Authorization (Bearer API key or JWT, Basic
    with the key as password), X-API-Key, the gateway's ``session`` cookie
    (from /auth?login), the OIDC browser session, a trusted front proxy's user
-   header. Presented-but-wrong credentials count as a failure for the IP.
-4. No credentials: a viewer if the IP is in ``allow_anonymous_from``; else
+   header. Presented-but-wrong credentials count as a failure for the IP; an
+   IP over ``ratelimit.auth_failures`` gets 429 for them (brute force) until
+   its window passes, logged once per window, while valid credentials from it
+   are still admitted. Two Authorization or X-API-Key fields: 400.
+3. No credentials: a viewer if the IP is in ``allow_anonymous_from``; else
    limited per IP, then a browser asking for a page is sent to the OIDC
    login, anything else gets 401 with ``WWW-Authenticate`` (never a redirect).
-5. The route's role: admin views need an admin (403 otherwise).
+4. The route's role: admin views need an admin (403 otherwise).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import binascii
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, Protocol
 
 from starlette.responses import Response
 from starlette.types import ASGIApp, Receive, Scope, Send
@@ -39,14 +40,24 @@ OPEN_PATHS = frozenset({"/healthz", "/readyz", "/auth/login", "/auth/callback", 
 # LocalAPI contracts), but they still pass through the brute-force gate.
 SELF_CHECKED = frozenset({"/auth/verify", "/auth"})
 
-# A presented API key -> its principal and a check that it still holds (not revoked, replaced
-# or expired since; cheap, no hashing), or None.
-KeyVerifier = Callable[[str], tuple[Principal, Callable[[], bool]] | None]
-# A connection's memo (``scope["gateway.connection"]``) and the raw credential field being verified.
-_Memo = tuple[dict[str, Any], bytes]
-SessionVerifier = Callable[[str], Principal | None]
+# A presented API key -> its principal, or None.
+KeyVerifier = Callable[[str], Principal | None]
+# A session cookie's token and the client IP -> its principal, or None.
+SessionVerifier = Callable[[str, str], Principal | None]
+
+
+class PVSLoginCheck(Protocol):
+    """The PVS's own LocalAPI login from the LAN (``gateway.local.PVSLogin``)."""
+
+    def allowed(self, scope: Scope, user: str, password: str) -> bool: ...
+
+    def principal(self, scope: Scope) -> Principal: ...
 BearerVerifier = Callable[[str], Awaitable[Principal]]
 ScopeVerifier = Callable[[Scope], Principal | None]
+
+
+# Principal.method of a PVS-password login (gateway.local).
+PVS_LOGIN_METHOD = "pvs_login"
 
 
 class AuthFailed(GatewayError):
@@ -55,6 +66,12 @@ class AuthFailed(GatewayError):
 
 class Forbidden(GatewayError):
     status = 403
+
+
+class AmbiguousCredentials(GatewayError):
+    """Two credential fields: proxies and servers disagree on which one counts, so neither does."""
+
+    status = 400
 
 
 class FailureGate:
@@ -109,7 +126,9 @@ class Authenticator:
         bearer_jwt: BearerVerifier | None = None,
         browser_session: ScopeVerifier | None = None,
         front_proxy: ScopeVerifier | None = None,
+        pvs_login: PVSLoginCheck | None = None,
     ) -> None:
+        self._pvs_login = pvs_login
         self._api_key = api_key
         self._session = session
         self._bearer_jwt = bearer_jwt
@@ -131,28 +150,24 @@ class Authenticator:
         authorization = api_key = cookie = None
         for name, value in scope["headers"]:
             if name == b"authorization":
+                if authorization is not None:
+                    raise AmbiguousCredentials("more than one Authorization field: send exactly one")
                 authorization = value
             elif name == b"x-api-key":
+                if api_key is not None:
+                    raise AmbiguousCredentials("more than one X-API-Key field: send exactly one")
                 api_key = value
             elif name == b"cookie":
                 cookie = value.decode("latin-1") if cookie is None else f"{cookie}; {value.decode('latin-1')}"
         credential = authorization if authorization is not None else api_key
         if credential is not None:
-            # The connection's last key, if this request carries the very same bytes object:
-            # the protocol reused the previous request's parse (gateway.httpproto, _repeat).
-            # Same bytes, so the same key; only whether it still holds is asked again.
-            connection = scope.get("gateway.connection")
-            known = connection.get("credential") if connection is not None else None
-            if known is not None and known[0] is credential and known[2]():
-                return known[1]
-            memo = (connection, credential) if connection is not None else None
             if authorization is not None:
-                return self._from_authorization(authorization.decode("latin-1"), memo)
-            return self._key(credential.decode("latin-1").strip(), memo)
+                return self._from_authorization(authorization.decode("latin-1"), scope)
+            return self._key(credential.decode("latin-1").strip())
         if cookie is not None and self._session is not None:
             token = _cookie_value(cookie, "session")
             if token:
-                principal = self._session(token)
+                principal = self._session(token, client_ip(scope))
                 if principal is None:
                     raise AuthFailed("the session has expired or was revoked: log in again")
                 return principal
@@ -164,33 +179,32 @@ class Authenticator:
             return self._front_proxy(scope)
         return None
 
-    def _from_authorization(self, value: str, memo: _Memo | None = None) -> Principal | DeferredJWT:
+    def _from_authorization(self, value: str, scope: Scope) -> Principal | DeferredJWT:
         scheme, _, credentials = value.strip().partition(" ")
         scheme = scheme.lower()
         credentials = credentials.strip()
         if scheme == "bearer":
             if credentials.startswith("pvsgw_") or self._bearer_jwt is None or credentials.count(".") != 2:
-                return self._key(credentials, memo)
+                return self._key(credentials)
             return DeferredJWT(credentials)
         if scheme == "basic":
             try:
                 decoded = base64.b64decode(credentials, validate=True).decode("utf-8")
             except (binascii.Error, UnicodeDecodeError):
                 raise AuthFailed("malformed Basic credentials") from None
-            _, sep, password = decoded.partition(":")
+            user, sep, password = decoded.partition(":")
             if not sep:
                 raise AuthFailed("malformed Basic credentials")
-            return self._key(password, memo)
+            if self._pvs_login is not None and self._pvs_login.allowed(scope, user, password):
+                return self._pvs_login.principal(scope)
+            return self._key(password)
         raise AuthFailed("unsupported Authorization scheme: use Bearer or Basic")
 
-    def _key(self, presented: str, memo: _Memo | None = None) -> Principal:
+    def _key(self, presented: str) -> Principal:
         verified = self._api_key(presented) if self._api_key is not None else None
         if verified is None:
             raise AuthFailed("invalid, expired or revoked API key")
-        if memo is not None:
-            connection, credential = memo
-            connection["credential"] = (credential, *verified)
-        return verified[0]
+        return verified
 
 
 def _cookie_value(header: str, name: str) -> str | None:
@@ -240,17 +254,20 @@ class AuthMiddleware:
         ip = client_ip(scope)
         head = scope["method"] == "HEAD"
 
-        wait = await self.gate.retry_after(ip) if self.gate.may_be_blocked(ip) else 0.0
-        if wait > 0:
-            await send_problem(send, _blocked(wait), head=head)
-            return
         try:
             principal = await self.authenticator.authenticate(scope)
         except GatewayError as exc:
-            # 401: bad credentials (counted per IP); 403: valid but not allowed;
-            # 503: the identity provider is unreachable, which is not the caller's fault.
+            # 401: bad credentials (counted per IP); 400: ambiguous credentials; 403: valid but
+            # not allowed; 503: the identity provider is unreachable, not the caller's fault.
             state["gateway.detail"] = exc.detail
             if exc.status == 401:
+                # An address past the failure limit gets 429 for further failures only: a valid
+                # key or token from it is still admitted (keys are unguessable; the lock-out
+                # stops guessing, not the household behind the same address).
+                wait = await self.gate.retry_after(ip) if self.gate.may_be_blocked(ip) else 0.0
+                if wait > 0:
+                    await send_problem(send, _blocked(wait), head=head)
+                    return
                 await self.gate.failed(ip)
                 if path in SELF_CHECKED:
                     state["auth_error"] = exc
@@ -260,6 +277,12 @@ class AuthMiddleware:
                     exc.headers = list(self._challenge)
             await send_problem(send, exc, head=head)
             return
+        if principal is not None and principal.method == PVS_LOGIN_METHOD:
+            # The PVS's 5-character password is a weak secret: it stays locked out like a guess.
+            wait = await self.gate.retry_after(ip) if self.gate.may_be_blocked(ip) else 0.0
+            if wait > 0:
+                await send_problem(send, _blocked(wait), head=head)
+                return
         if principal is None and self.anonymous_from and in_networks(ip, self.anonymous_from):
             principal = _anonymous(ip)
         if principal is None:
@@ -284,30 +307,6 @@ class AuthMiddleware:
             await send_problem(send, Forbidden(f"{path} needs the admin role; {principal.name} is a {principal.role}"), head=head)
             return
         await self.app(scope, receive, send)
-
-    def admit_now(self, scope: Scope, path: str) -> Principal | None:
-        """The principal ``__call__`` would pass inward, when that is certain without an await.
-
-        For the hot path (``gateway.hotpath``). None means "not certain here": the
-        request's path, a possible brute-force block, wrong or missing credentials,
-        or a JWT to verify; then ``__call__`` decides, as if this had not run (a
-        valid key's last-used time, the only trace, is set again to the same use).
-        ``path`` is the request's ``route_path``.
-        """
-        if path in OPEN_PATHS or path in self.anonymous_paths or path in SELF_CHECKED or path in self.admin_paths:
-            return None
-        ip = client_ip(scope)
-        if self.gate.may_be_blocked(ip):
-            return None
-        try:
-            found = self.authenticator.identify(scope)
-        except GatewayError:
-            return None
-        if isinstance(found, DeferredJWT):
-            return None
-        if found is None and self.anonymous_from and in_networks(ip, self.anonymous_from):
-            return _anonymous(ip)
-        return found
 
 
 def _anonymous(ip: str) -> Principal:

@@ -42,17 +42,28 @@ reads X-Forwarded-*. Register ``<base>/auth/callback`` as the redirect URI
 and ``<base>/auth/logout`` as the post-logout redirect URI at the provider.
 
 The session stores only ``{"oidc": {sub, name, email, role, iat, exp, pol,
-[rt, ref]}}`` plus authlib's transient login state. ``exp`` is absolute:
-``iat + min(auth.session_lifetime, auth.oidc.session_lifetime)``; nothing
-extends it. If the provider issued a refresh token it is stored encrypted
-(AES-GCM, key derived from ``secret_key``; the cookie itself is only
-signed) and, once ``ref`` has passed (shortly before the access token would
-expire), the identity is refreshed at the token endpoint and re-mapped, so
-group changes and revocations take effect within minutes; a refused refresh
-ends the session, an unreachable provider leaves it as it is until ``exp``.
-Without a refresh token the session simply lasts until ``exp``.
+sid, chk, ref, [rt]}}`` plus authlib's transient login state. ``exp`` is
+absolute: ``iat + min(auth.session_lifetime, auth.oidc.session_lifetime)``;
+nothing extends it. ``sid`` names the login's server-side record in the
+gateway's ``SessionStore`` (``gateway.auth.sessions``): ``/auth/logout``
+revokes it, so a replayed copy of the cookie is refused afterwards (and, as
+for every gateway session, a restart without ``cluster.redis_url`` ends it).
 
-``/auth/logout`` clears the session and, if the provider advertises an
+**Group changes take effect within ``auth.oidc.recheck_interval``** (default
+300 s). ``chk`` is when the provider last confirmed the identity, ``ref`` when
+it is asked again: ``chk + recheck_interval``, or sooner when the access
+token expires sooner. Then the identity is refreshed at the token endpoint
+with the refresh token (stored encrypted: AES-GCM, key derived from
+``secret_key``; the cookie itself is only signed) and re-mapped: a demoted
+user gets the new role, a refused refresh or a user no longer allowed ends
+the session. Without a refresh token there is no way to ask, so the session
+ends at ``ref`` (the browser logs in again; request the provider's
+``offline_access`` scope to avoid it). An unreachable provider is asked again
+every minute, and once the identity is ``2 × recheck_interval`` old without a
+confirmation the session ends: the bound holds even while the provider is
+down.
+
+``/auth/logout`` revokes and clears the session and, if the provider advertises an
 ``end_session_endpoint``, redirects there (RP-initiated logout, with
 ``client_id`` and ``post_logout_redirect_uri`` = ``<base>/auth/logout``);
 coming back, or without a session, it shows a small "signed out" page.
@@ -85,7 +96,14 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from gateway.auth import ROLES, Principal
-from gateway.auth.oidc import AuthFailed, Forbidden, OIDCError, OIDCVerifier, ProviderUnavailable
+from gateway.auth.oidc import (
+    AuthFailed,
+    Forbidden,
+    OIDCError,
+    OIDCVerifier,
+    ProviderUnavailable,
+)
+from gateway.auth.sessions import SessionSigner, SessionStore
 from gateway.errors import PROBLEM_TYPE, problem_body
 from gateway.settings import AuthSettings
 
@@ -230,12 +248,16 @@ class _Sealer:
 
 
 class _Login:
-    def __init__(self, settings: AuthSettings, verifier: OIDCVerifier, *, secret_key: str, clock: Callable[[], float]) -> None:
+    def __init__(
+        self, settings: AuthSettings, verifier: OIDCVerifier, *, secret_key: str, clock: Callable[[], float], sessions: SessionStore
+    ) -> None:
         self.settings = settings
         self.oidc = settings.oidc
         self.verifier = verifier
         self.clock = clock
+        self.sessions = sessions
         self.lifetime = min(settings.session_lifetime, settings.oidc.session_lifetime)
+        self.recheck = settings.oidc.recheck_interval
         self.sealer = _Sealer(secret_key)
         oauth = OAuth()
         oauth.register(
@@ -308,19 +330,22 @@ class _Login:
             return _error_response(exc)
         except OIDCError as exc:
             return _error_response(exc)
-        except Exception as exc:  # authlib/httpx/joserfc failures during the exchange
+        except Exception as exc:  # noqa: BLE001 -- authlib/httpx/joserfc failures during the exchange
             log.warning("OIDC callback failed: %s: %s", type(exc).__name__, exc)
             if _is_network_error(exc):
                 return _error_response(ProviderUnavailable(f"the identity provider could not be reached: {type(exc).__name__}"))
             return _error_response(AuthFailed("login failed: the identity provider's answer did not verify"))
         next_url = safe_next(request.session.get("_oidc_next"), request.scope.get("root_path", ""))
-        request.session.clear()  # drop authlib's state and any previous identity
-        request.session[SESSION_KEY] = self._identity(principal, claims, token, iat=self.clock())
+        await self._end(request.session)  # a previous identity in this browser ends here
+        request.session.clear()  # drop authlib's state too
+        record = self.sessions.open(principal.id, self.lifetime)
+        request.session[SESSION_KEY] = self._identity(principal, claims, token, iat=record.issued, exp=record.expires, sid=record.sid)
         log.info("OIDC login: %s as %s", principal.id, principal.role)
         return RedirectResponse(next_url, status_code=303, headers={"Cache-Control": "no-store"})
 
     async def logout(self, request: Request) -> Response:
         had_identity = isinstance(request.session.get(SESSION_KEY), dict)
+        await self._end(request.session)  # server-side: a replayed copy of the cookie is refused from now on
         request.session.clear()
         if had_identity:
             try:
@@ -366,38 +391,59 @@ class _Login:
             raise AuthFailed("the refreshed identity has a different subject")
         return merged
 
-    def _identity(self, principal: Principal, claims: Mapping[str, Any], token: Mapping[str, Any], *, iat: float, exp: float | None = None) -> dict[str, Any]:
+    def _identity(
+        self, principal: Principal, claims: Mapping[str, Any], token: Mapping[str, Any], *, iat: float, exp: float, sid: str
+    ) -> dict[str, Any]:
+        """The cookie's identity, just confirmed by the provider (``chk`` = now)."""
         email = claims.get("email")
+        now = self.clock()
         ident: dict[str, Any] = {
             "sub": principal.id.removeprefix("oidc:"),
             "name": principal.name,
             "email": email if isinstance(email, str) else None,
             "role": principal.role,
             "iat": int(iat),
-            "exp": int(exp if exp is not None else iat + self.lifetime),
+            "exp": int(exp),
             "pol": self.verifier.policy_fingerprint,
+            "sid": sid,
+            "chk": int(now),
+            "ref": int(now + self.recheck),
         }
         refresh_token = token.get("refresh_token")
         if isinstance(refresh_token, str) and refresh_token:
             ident["rt"] = self.sealer.seal(refresh_token)
-            ident["ref"] = int(self.clock() + _refresh_interval(token.get("expires_in")))
+            ident["ref"] = int(now + min(self.recheck, _refresh_interval(token.get("expires_in"))))
         return ident
 
+    async def _end(self, session: Mapping[str, Any]) -> None:
+        """Revoke the session's server-side record (logout, or a refresh that ended it)."""
+        ident = session.get(SESSION_KEY)
+        if isinstance(ident, dict) and isinstance(ident.get("sid"), str):
+            exp = ident.get("exp")
+            await self.sessions.revoke(ident["sid"], exp if isinstance(exp, (int, float)) else None)
+
     async def maintain(self, session: dict[str, Any]) -> None:
-        """End expired or stale-policy sessions; refresh the identity when due."""
+        """End expired, revoked or stale-policy sessions; re-check the identity when due."""
         ident = session.get(SESSION_KEY)
         if not isinstance(ident, dict):
             return
         now = self.clock()
-        exp = ident.get("exp")
+        exp, sub, sid = ident.get("exp"), ident.get("sub"), ident.get("sid")
         if not isinstance(exp, (int, float)) or now >= exp or ident.get("pol") != self.verifier.policy_fingerprint:
             session.pop(SESSION_KEY, None)
             return
-        sealed, ref = ident.get("rt"), ident.get("ref")
-        if not isinstance(sealed, str) or not isinstance(ref, (int, float)) or now < ref:
+        if not isinstance(sid, str) or self.sessions.active(sid, f"oidc:{sub}", exp) is None:
+            session.pop(SESSION_KEY, None)  # logged out (or a cookie from before sessions were recorded)
             return
-        refresh_token = self.sealer.open(sealed)
+        ref = ident.get("ref")
+        if isinstance(ref, (int, float)) and now < ref:
+            return
+        sealed = ident.get("rt")
+        refresh_token = self.sealer.open(sealed) if isinstance(sealed, str) else None
         if refresh_token is None:
+            # No way to ask the provider again: the identity's time is up (module docstring).
+            log.info("OIDC session of oidc:%s ended: no refresh token to re-check its groups", sub)
+            await self._end(session)
             session.pop(SESSION_KEY, None)
             return
         key = hashlib.sha256(refresh_token.encode()).hexdigest()
@@ -408,6 +454,7 @@ class _Login:
             outcome = await self._refresh(ident, refresh_token, now)
             self._remember(key, now, outcome)
         if outcome is None:
+            await self._end(session)
             session.pop(SESSION_KEY, None)
         else:
             session[SESSION_KEY] = outcome
@@ -419,17 +466,23 @@ class _Login:
             token = {"refresh_token": refresh_token, **token}  # the provider may keep the old one
             claims = await self._claims(token, sub=ident["sub"])
             if not claims:
-                # The provider accepted the refresh but told us nothing new: keep the identity.
+                # The provider accepted the refresh (the account is still good) but told us nothing new.
                 rt = self.sealer.seal(token["refresh_token"])
-                return {**ident, "rt": rt, "ref": int(now + _refresh_interval(token.get("expires_in")))}
+                ref = now + min(self.recheck, _refresh_interval(token.get("expires_in")))
+                return {**ident, "rt": rt, "chk": int(now), "ref": int(ref)}
             principal = self.verifier.principal_from_claims(claims, method="oidc")
         except ProviderUnavailable as exc:
+            checked = ident.get("chk")
+            if not isinstance(checked, (int, float)) or now - checked >= 2 * self.recheck:
+                log.warning("OIDC session of oidc:%s ended: its groups could not be re-checked for %.0f s (%s)",
+                            ident.get("sub"), 2 * self.recheck, exc.reason)
+                return None
             log.warning("OIDC refresh for oidc:%s postponed: %s", ident.get("sub"), exc.reason)
-            return {**ident, "ref": int(now + REFRESH_RETRY)}
+            return {**ident, "ref": int(now + min(REFRESH_RETRY, self.recheck))}
         except (AuthFailed, Forbidden) as exc:
             log.info("OIDC session of oidc:%s ended at refresh: %s", ident.get("sub"), exc.reason)
             return None
-        return self._identity(principal, claims, token, iat=ident["iat"], exp=ident["exp"])
+        return self._identity(principal, claims, token, iat=ident["iat"], exp=ident["exp"], sid=ident["sid"])
 
     def _remember(self, key: str, now: float, outcome: dict[str, Any] | None) -> None:
         if len(self._recent) > 1024:
@@ -470,17 +523,22 @@ def oidc_routes(
     https_only: bool,
     cookie_path: str = "/",
     clock: Callable[[], float] = time.time,
+    sessions: SessionStore | None = None,
 ) -> OIDCLogin:
     """Routes and middleware for the browser login (see the module docstring).
 
     ``secret_key`` signs the session cookie and seals refresh tokens (keep it
     stable across restarts, at least 32 random bytes); ``https_only`` marks the
     cookie ``Secure`` (false only for plain-HTTP tests); ``cookie_path`` is
-    the cookie's ``Path`` (the ``root_path`` when mounted under one).
+    the cookie's ``Path`` (the ``root_path`` when mounted under one);
+    ``sessions`` holds the logins' server-side records (the gateway's store,
+    shared with ``/auth?login``; a private one, on ``clock``, when omitted).
     """
     if len(secret_key) < 16:
         raise ValueError("the session secret must be at least 16 characters")
-    login = _Login(settings, verifier, secret_key=secret_key, clock=clock)
+    if sessions is None:
+        sessions = SessionStore(SessionSigner(secret_key.encode()), clock=clock)
+    login = _Login(settings, verifier, secret_key=secret_key, clock=clock, sessions=sessions)
     routes = [
         Route("/auth/login", login.login, methods=["GET"], name="oidc_login"),
         Route("/auth/callback", login.callback, methods=["GET"], name="oidc_callback"),

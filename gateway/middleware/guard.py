@@ -6,6 +6,8 @@ and oversized or body-carrying requests are refused before any work is done.
 
 from __future__ import annotations
 
+from email.utils import formatdate
+
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from gateway.errors import RequestRejected
@@ -58,7 +60,9 @@ class GuardMiddleware:
         async def send_secured(message: Message) -> None:
             if message["type"] == "http.response.start":
                 state["gateway.status"] = message["status"]
-                headers = list(message.get("headers", ()))
+                # Dated when the answer starts, not when the request arrived (uvicorn's Date): a
+                # slow miss would otherwise look older than its own Last-Modified.
+                headers = [(b"date", formatdate(usegmt=True).encode()), *message.get("headers", ())]
                 for name, _ in headers:
                     if name in _SECURITY_NAMES:  # the answer set some itself: fill in only the others
                         names = {name for name, _ in headers}
@@ -108,5 +112,6 @@ class GuardMiddleware:
         if size > self.max_header_bytes:
             return RequestRejected(f"header fields larger than {self.max_header_bytes} bytes", status=431)
         if body:
-            return RequestRejected("GET and HEAD requests must not carry a body", status=400)
+            # And the connection ends with it: what follows a body nobody reads is not worth framing.
+            return RequestRejected("GET and HEAD requests must not carry a body", status=400, headers=[("Connection", "close")])
         return None

@@ -93,6 +93,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=_DEFAULTS.data_interval,
         help="seconds each measurement stays constant",
     )
+    add(
+        "--ws-port",
+        type=_ranged(int, 0, 65535),
+        default=9002,
+        help="LocalAPI telemetry WebSocket port; 0 = none (default %(default)s)",
+    )
     add("--cert-dir", default=None, help="keep the TLS certificate and key here (else a new one each start)")
 
 
@@ -115,4 +121,5 @@ def options_from_args(ns: argparse.Namespace) -> SimOptions:
         overload_limit=getattr(ns, "overload_limit", _DEFAULTS.overload_limit),
         data_interval=getattr(ns, "data_interval", _DEFAULTS.data_interval),
         cert_dir=ns.cert_dir,
+        ws_port=getattr(ns, "ws_port", 0),
     )

@@ -16,6 +16,7 @@ CHECK_FW = "legacy_CheckFW_pvs6.json"
 START = "legacy_Start_pvs6_2025-06_build61839.json"
 STOP = "legacy_Stop_pvs6_2025.json"
 VARS_ROOT = "localapi_vars_match_root_obj_fmt_pvs6_2025-09_build61845.json"
+WS_POWER = "websocket_9002_power_notification.json"
 
 
 @functools.cache

@@ -14,7 +14,7 @@ import json
 from typing import TYPE_CHECKING, Any
 
 from . import data
-from .httpio import Request, Response, json_response
+from .httpio import Request, Response
 from .model import Snapshot
 
 if TYPE_CHECKING:
@@ -35,6 +35,32 @@ READ_PATHS = (
 )
 DHCP_PREFIX = "network/interfaceConfig/dhcp/"
 DHCP_TYPES = ("eth", "wifi", "plc")
+
+
+def device_json(value: Any) -> bytes:
+    """JSON as the PVS's own encoder (cJSON) prints it: a tab per level, a tab after each
+    colon, the items of an array on one line (``}, {``); raw captures in the public
+    samples (DeviceList build 61410 and 61839, Start) look like this. Clients rely on it:
+    sungazer keeps only the body lines starting with ``{``, a tab or ``}``."""
+    return (_cjson(value, 0) + "\n").encode()
+
+
+def _cjson(value: Any, depth: int) -> str:
+    if isinstance(value, dict):
+        if not value:
+            return "{\n" + "\t" * depth + "}"
+        items = (
+            "\t" * (depth + 1) + json.dumps(str(k), ensure_ascii=False) + ":\t" + _cjson(v, depth + 1)
+            for k, v in value.items()
+        )
+        return "{\n" + ",\n".join(items) + "\n" + "\t" * depth + "}"
+    if isinstance(value, list):
+        return "[" + ", ".join(_cjson(v, depth + 1) for v in value) + "]"
+    return json.dumps(value, ensure_ascii=False)
+
+
+def device_response(status: int, value: Any) -> Response:
+    return Response(status, device_json(value))
 
 
 def num(x: float) -> str:
@@ -58,34 +84,34 @@ def command_of(request: Request) -> str | None:
 def handle_command(device: Device, request: Request, command: str | None) -> Response:
     params = dict(request.params())
     if command == "DeviceList":
-        return json_response(200, device_list(device))
+        return device_response(200, device_list(device))
     if command == "Get_Comm":
-        return json_response(200, _get_comm(device))
+        return device_response(200, _get_comm(device))
     if command == "GridProfileGet":
-        return json_response(200, data.sample(data.GRID_PROFILE_GET))
+        return device_response(200, data.sample(data.GRID_PROFILE_GET))
     if command == "CheckFW":
-        return json_response(200, data.sample(data.CHECK_FW))
+        return device_response(200, data.sample(data.CHECK_FW))
     if command == "DeviceDetails":
         serial = params.get("SerialNumber", "")
         found = [d for d in device_list(device)["devices"] if d.get("SERIAL") == serial]
         if not found:
-            return json_response(400, {"result": "error", "error": f"unknown SerialNumber {serial!r}"})
-        return json_response(200, {"devices": found, "result": "succeed"})
+            return device_response(400, {"result": "error", "error": f"unknown SerialNumber {serial!r}"})
+        return device_response(200, {"devices": found, "result": "succeed"})
     if command == "GetDiscoveryProgress":
-        return json_response(200, _discovery_progress(device))
+        return device_response(200, _discovery_progress(device))
     if command == "Start":
         device.config_session = True
         device.record_write("Command=Start")
-        return json_response(200, {"result": "succeed", "supervisor": _supervisor(device)})
+        return device_response(200, {"result": "succeed", "supervisor": _supervisor(device)})
     if command == "Stop":
         device.config_session = False
         device.record_write("Command=Stop")
-        return json_response(200, data.sample(data.STOP))
+        return device_response(200, data.sample(data.STOP))
     if command == "GridProfileRefresh":
         device.grid_profile_refreshes += 1
         device.record_write("Command=GridProfileRefresh")
-        return json_response(200, data.sample(data.GRID_PROFILE_REFRESH))
-    return json_response(400, {"result": "error", "error": f"unsupported Command {command!r}"})
+        return device_response(200, data.sample(data.GRID_PROFILE_REFRESH))
+    return device_response(400, {"result": "error", "error": f"unsupported Command {command!r}"})
 
 
 def handle_path(device: Device, request: Request, path: str) -> Response:
@@ -93,26 +119,26 @@ def handle_path(device: Device, request: Request, path: str) -> Response:
     if request.method in ("POST", "PUT", "DELETE", "PATCH"):
         return _write_path(device, request, path)
     if request.method not in ("GET", "HEAD"):
-        return json_response(405, {"result": "error", "error": "method not allowed"})
+        return device_response(405, {"result": "error", "error": "method not allowed"})
     if path == "supervisor/info":
-        return json_response(200, {"supervisor": _supervisor(device)})
+        return device_response(200, {"supervisor": _supervisor(device)})
     if path == "communication/interfaces":
-        return json_response(200, _get_comm(device))
+        return device_response(200, _get_comm(device))
     if path == "network/interfaces":
-        return json_response(200, {"result": "succeed", "interfaces": _get_comm(device)["networkstatus"]["interfaces"]})
+        return device_response(200, {"result": "succeed", "interfaces": _get_comm(device)["networkstatus"]["interfaces"]})
     if path == "devices/list":
-        return json_response(200, device_list(device))
+        return device_response(200, device_list(device))
     if path == "network/powerProduction":
-        return json_response(200, {"powerProduction": "On" if device.model.production_enabled else "Off"})
+        return device_response(200, {"powerProduction": "On" if device.model.production_enabled else "Off"})
     if path == "energy-storage-system/status":
-        return json_response(200, _ess_status())
+        return device_response(200, _ess_status())
     if path.startswith(DHCP_PREFIX) and path[len(DHCP_PREFIX) :] in DHCP_TYPES:
         # A GET that changes state: the lease is really renewed.
         kind = path[len(DHCP_PREFIX) :]
         device.dhcp_renewals[kind] += 1
         device.record_write(f"dhcp renew {kind}")
-        return json_response(200, {"result": "succeed"})
-    return json_response(404, {"result": "error", "error": "not found"})
+        return device_response(200, {"result": "succeed"})
+    return device_response(404, {"result": "error", "error": "not found"})
 
 
 def _write_path(device: Device, request: Request, path: str) -> Response:
@@ -122,12 +148,12 @@ def _write_path(device: Device, request: Request, path: str) -> Response:
         except (ValueError, AttributeError):
             wanted = None
         if wanted not in ("On", "Off"):
-            return json_response(400, {"result": "error", "error": "powerProduction must be On or Off"})
+            return device_response(400, {"result": "error", "error": "powerProduction must be On or Off"})
         device.model.set_production(wanted == "On")
         device.record_write(f"powerProduction {wanted}")
-        return json_response(200, {"powerProduction": wanted})
+        return device_response(200, {"powerProduction": wanted})
     device.record_write(f"{request.method} dl_cgi/{path}")
-    return json_response(200, {"result": "succeed"})
+    return device_response(200, {"result": "succeed"})
 
 
 def device_list(device: Device) -> dict[str, Any]:

@@ -33,6 +33,7 @@ class SimOptions:
     overload_limit: int = 5  # rejections within the window that make it reboot
     cert_dir: str | None = None  # keep the TLS cert/key here; else a fresh one per start
     data_interval: float = 60.0  # seconds each measurement stays the same (the PVS refreshes in steps)
+    ws_port: int = 0  # LocalAPI telemetry WebSocket; 0 = none (the command line's default is 9002)
 
     def __post_init__(self) -> None:
         problems = self.problems()
@@ -45,6 +46,8 @@ class SimOptions:
             out.append(f"firmware must be one of {', '.join(FIRMWARES)}, not {self.firmware!r}")
         if not 0 <= self.port <= 65535:
             out.append(f"port must be 0..65535, not {self.port}")
+        if not 0 <= self.ws_port <= 65535:
+            out.append(f"ws_port must be 0..65535, not {self.ws_port}")
         if len(self.serial) < 5 or not self.serial.isalnum():
             out.append("serial must be at least 5 letters or digits")
         if self.latency_scale < 0:

@@ -19,6 +19,8 @@ class RunningSimulator:
         host = sim.options.host
         shown = f"[{host}]" if ":" in host else host
         self.url = f"{sim.scheme}://{shown}:{port}"
+        self.ws_port = sim.ws_port  # None without the telemetry socket
+        self.ws_url = f"ws://{shown}:{sim.ws_port}" if sim.ws_port else None
 
     @property
     def cert_pem(self) -> bytes | None:
@@ -34,7 +36,7 @@ async def start(options: SimOptions) -> RunningSimulator:
     sim = Simulator(options)
     port = await sim.listen()
     running = RunningSimulator(sim, port)
-    announce(running.url, options)
+    announce(running.url, options, running.ws_url)
     return running
 
 

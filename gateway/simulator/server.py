@@ -22,6 +22,7 @@ from .fragility import Fragility
 from .httpio import MAX_HEAD, BadRequest, Request, Response, encode_head, json_response, read_request
 from .options import SimOptions
 from .stats import Stats
+from .telemetry import ENABLE_VAR, Telemetry
 from .tlscert import DeviceCert
 
 log = logging.getLogger("gateway.simulator")
@@ -52,6 +53,17 @@ class Simulator:
                 common_name=f"pvs6-{options.serial.lower()}", hosts=[options.host], cert_dir=options.cert_dir
             )
         self.control = Control(self)
+        self.telemetry: Telemetry | None = None
+        if options.firmware == "localapi" and options.ws_port:
+            self.telemetry = Telemetry(
+                model=self.device.model,
+                stats=self.stats,
+                enabled=lambda: self.device.vars.get(ENABLE_VAR) == "1",
+                unreachable=lambda: self.fragility.rebooting or self.faults.current().mode == "down",
+                latency_scale=options.latency_scale,
+                seed=options.seed,
+            )
+        self.ws_port: int | None = None
         self._server: asyncio.Server | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
         self._closing = False
@@ -69,10 +81,19 @@ class Simulator:
             ssl=self.cert.context if self.cert else None,
             limit=MAX_HEAD,
         )
-        return int(self._server.sockets[0].getsockname()[1])
+        port = int(self._server.sockets[0].getsockname()[1])
+        if self.telemetry is not None:
+            try:
+                self.ws_port = await self.telemetry.listen(self.options.host, self.options.ws_port)
+            except OSError:
+                self._server.close()
+                raise
+        return port
 
     async def close(self) -> None:
         self._closing = True
+        if self.telemetry is not None:
+            await self.telemetry.close()
         if self._server is not None:
             self._server.close()
         for task in list(self._tasks):
@@ -86,6 +107,8 @@ class Simulator:
 
     def _power_lost(self) -> None:
         self.device.power_lost()
+        if self.telemetry is not None:
+            self.telemetry.drop_all()
         for writer in list(self._busy):  # open requests die with the device
             writer.transport.abort()
 
@@ -220,7 +243,8 @@ class Simulator:
         return keep
 
 
-def announce(url: str, options: SimOptions) -> None:
-    """The one line tests and the demo wait for."""
-    sys.stdout.write(f"pvs-simulator ready url={url} firmware={options.firmware} serial={options.serial}\n")
+def announce(url: str, options: SimOptions, ws_url: str | None = None) -> None:
+    """The one line tests and the demo wait for (``ws=`` only when the telemetry socket is served)."""
+    ws = f" ws={ws_url}" if ws_url else ""
+    sys.stdout.write(f"pvs-simulator ready url={url} firmware={options.firmware} serial={options.serial}{ws}\n")
     sys.stdout.flush()

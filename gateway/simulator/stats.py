@@ -16,6 +16,7 @@ MAX_LOGGED_TARGET = 8192  # keeps the log's memory bounded; real targets are far
 
 class Stats:
     def __init__(self) -> None:
+        self.ws_clients = 0  # telemetry sockets open now (never reset)
         self.reset(in_flight=0)
 
     def reset(self, *, in_flight: int | None = None) -> None:
@@ -31,6 +32,7 @@ class Stats:
         self.reboots = 0
         self.malformed = 0
         self.writes = 0  # state-changing requests that took effect
+        self.ws_connections = 0  # telemetry sockets opened
         self.log: collections.deque[dict[str, Any]] = collections.deque(maxlen=REQUEST_LOG_SIZE)
 
     def begin(self, method: str, target: str, keys: list[str]) -> None:
@@ -57,6 +59,8 @@ class Stats:
             "dropped": self.dropped,
             "malformed": self.malformed,
             "writes": self.writes,
+            "ws_clients": self.ws_clients,
+            "ws_connections": self.ws_connections,
         }
 
 

@@ -82,6 +82,10 @@ class VarStore:
     def set(self, name: str, value: str) -> None:
         self._static[name] = value
 
+    def get(self, name: str) -> Any:
+        """A static variable's value (None for live ones)."""
+        return self._static.get(name)
+
     def tree(self, snapshot: Snapshot, uptime: float) -> dict[str, Any]:
         """Every variable and its current value, in the device's order."""
         out: dict[str, Any] = {}
