@@ -12,7 +12,7 @@ PACKAGE = ROOT / "gateway"
 
 # Lower layers never import higher ones. A module may import its own layer or below.
 LAYERS: list[set[str]] = [
-    {"gateway", "gateway.errors", "gateway.settings", "gateway.files", "gateway.scopes", "gateway.auth", "gateway.shared"},
+    {"gateway", "gateway.errors", "gateway.settings", "gateway.files", "gateway.scopes", "gateway.auth"},
     {
         "gateway.allowlist", "gateway.budget", "gateway.health", "gateway.tls", "gateway.pinning",
         "gateway.responses", "gateway.auth.keys", "gateway.auth.sessions", "gateway.edge", "gateway.logbuffer",
