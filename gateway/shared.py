@@ -78,7 +78,14 @@ class Shared:
         if recovering:
             self._probing = True
         try:
-            result = await op(redis)
+            try:
+                result = await op(redis)
+            except Exception as exc:
+                # A connection pooled before Redis restarted fails once ("closed by server"); the
+                # retry gets a fresh one. Not during an outage, nor after a timeout (a silent Redis).
+                if not (self.available and _is_closed_connection(exc)):
+                    raise
+                result = await op(redis)
         except Exception as exc:  # redis-py raises ConnectionError, TimeoutError, OSError, ...
             self._down_until = self._clock() + RETRY_AFTER
             # Drop every pooled connection: those to a Redis that went away would each fail once
@@ -154,6 +161,13 @@ class Lease:
             return value is not None and value != self.token.encode()
 
         return await self._shared.run(op)
+
+
+def _is_closed_connection(exc: Exception) -> bool:
+    from redis.exceptions import ConnectionError as RedisConnectionError
+    from redis.exceptions import TimeoutError as RedisTimeoutError
+
+    return isinstance(exc, RedisConnectionError) and not isinstance(exc, RedisTimeoutError)
 
 
 def key(*parts: str) -> str:
