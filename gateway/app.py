@@ -50,7 +50,8 @@ from gateway.responses import send_problem
 from gateway.routetable import PVS, RouteTable, route_table
 from gateway.scopes import route_path
 from gateway.settings import Settings
-from gateway.shared import Shared
+from gateway.shared import Shared, SharedCollector
+from gateway.shared import status as shared_status
 from gateway.upstream import UpstreamClient
 
 log = logging.getLogger("gateway")
@@ -99,23 +100,25 @@ def create_app(
     """``access_stream``: where access lines go, batched (the CLI's log stream); else the ``gateway.access`` logger.
     ``listener_ports``: the HTTPS (or main) port and the plain-HTTP LAN listener's port (0: none)."""
     up = settings.upstream
+    shared = Shared(settings.cluster.redis_url.get())  # cluster state; local while unset or unreachable
     health = UpstreamHealth(
         failure_threshold=up.failure_threshold,
         backoff_initial=up.backoff_initial,
         backoff_max=up.backoff_max,
+        shared=shared,
     )
     budget = UpstreamBudget(
         max_concurrency=up.max_concurrency,
         min_interval=up.min_interval,
         max_queue=up.max_queue,
         queue_timeout=up.queue_timeout,
+        shared=shared,
     )
     pvs_transport = transport or upstream_transport(settings)
     timed = metrics.TimedTransport(pvs_transport)  # counts what reaches the PVS
-    upstream = UpstreamClient(up, transport=timed, budget=budget, health=health)
-    cache = ResponseCache(settings.cache, is_failing=lambda: health.failing)
+    upstream = UpstreamClient(up, transport=timed, budget=budget, health=health, shared=shared)
+    cache = ResponseCache(settings.cache, is_failing=lambda: health.failing, shared=shared)
     keys = KeyStore(settings.path(settings.auth.keys_file))
-    shared = Shared(settings.cluster.redis_url.get())
     limiter = RateLimiter(settings.ratelimit, shared)
     connections = Connections(edge_limits(settings))
     parts = Components(settings, keys, cache, upstream, limiter, connections, Drain(), shared)
@@ -145,13 +148,16 @@ def create_app(
     )
     poller = Poller(settings, proxy=proxy, cache=cache, upstream=upstream)
     table = route_table(settings, assets=dashboard.ASSETS)
-    observed = dashboard.build(settings, cache=cache, upstream=upstream, proxy=proxy, limiter=limiter, transport=timed, routes=table)
+    observed = dashboard.build(
+        settings, cache=cache, upstream=upstream, proxy=proxy, limiter=limiter, transport=timed, routes=table,
+        collectors=[SharedCollector(shared)],
+    )
     parts.background += observed.background  # live data and history (gateway.live)
 
     # The proxied PVS paths are dispatched before the router (see ProxyDispatch).
     route_list = [
         Route("/healthz", routes.healthz),
-        Route("/readyz", routes.readyz(health, settings.cache.max_stale, poller.probe)),
+        Route("/readyz", routes.readyz(health, settings.cache.max_stale, poller.probe, cluster=lambda: shared_status(shared))),
         Route(
             "/stats",
             routes.stats(cache, upstream, parts.per_identity, time.monotonic(), observed.timings, connections),
@@ -206,7 +212,7 @@ def create_app(
         Middleware(RateLimitMiddleware, limiter=limiter, routes=table),
     ]
 
-    parts.background += [keys.watch, poller.run, sessions.watch]
+    parts.background += [keys.watch, poller.run, sessions.watch, shared.watch, health.follow]
     parts.reloaders.append(keys.reload_if_changed)
     if hasattr(pvs_transport, "reload_pin"):  # gateway.pinning.PinningTransport: SIGHUP re-reads the PVS pin
         parts.reloaders.append(pvs_transport.reload_pin)
@@ -223,8 +229,8 @@ def create_app(
             await asyncio.gather(*tasks, return_exceptions=True)
             keys.flush_usage(force=True)
             await cache.aclose()
-            await shared.aclose()
             await upstream.aclose()
+            await shared.aclose()  # last: the budget releases its leases through it
             if oidc is not None:
                 await oidc.client.aclose()
             if access_lines is not None:

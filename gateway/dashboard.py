@@ -25,7 +25,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from importlib import resources as package_files
 from typing import Any
@@ -331,6 +331,7 @@ def build(
     limiter: Any,
     transport: metrics.TimedTransport,
     routes: RouteTable,
+    collectors: Iterable[object] = (),
 ) -> Observability:
     reader = SiteReader(settings, cache=cache, proxy=proxy, upstream=upstream)
     feed = live.build(settings, upstream=upstream, peek=reader.peek, refresh=reader.refresh_if_stale)
@@ -348,6 +349,7 @@ def build(
             ),
             metrics.SolarCollector(reader.peek),
             feed.collector,
+            *collectors,
         ]
     )
     api = DataAPI(reader, upstream.health)

@@ -24,7 +24,10 @@ async def healthz(request: Request) -> Response:
 
 
 def readyz(
-    health: UpstreamHealth, max_stale: float, probe: Callable[[], Awaitable[None]]
+    health: UpstreamHealth,
+    max_stale: float,
+    probe: Callable[[], Awaitable[None]],
+    cluster: Callable[[], dict[str, Any]] | None = None,
 ) -> Callable[[Request], Any]:
     """Ready while the PVS answered within ``max_stale`` (so cached data is still servable).
 
@@ -49,6 +52,8 @@ def readyz(
                 "last_error": health.last_error,
             },
         }
+        if cluster is not None:
+            body["cluster"] = cluster()  # gateway.shared.status: "shared", or local while Redis is unreachable
         return JSONResponse(body, status_code=200 if upstream_ok else 503, headers=NO_STORE)
 
     return endpoint

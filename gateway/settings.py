@@ -162,6 +162,9 @@ class UpstreamSettings:
     ws_port: int = field(default=9002, metadata=_check(_port))
     # Turn the PVS's telemetry on at start if it is off: the only write the gateway ever makes.
     enable_telemetry: bool = False
+    # After a request times out, the PVS may still be working on it: its slot stays held until
+    # the PVS answers or this many more seconds pass (the answer still fills the cache).
+    busy_hold: float = field(default=60.0, metadata=_check(_at_least(0)))
 
 
 DEFAULT_TTLS: Mapping[str, float] = types.MappingProxyType(

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import itertools
 import math
 import time
 from email.utils import parsedate_to_datetime
@@ -211,7 +213,7 @@ def test_min_interval_spaces_upstream_starts(fresh_simulator: Simulator, make_ga
     asyncio.run(run())
     times = sorted(r["time"] for r in fresh_simulator.requests())
     assert len(times) == 3
-    gaps = [b - a for a, b in zip(times, times[1:])]
+    gaps = [b - a for a, b in itertools.pairwise(times)]
     # Starts are paced 0.5 s apart; arrivals jitter by connection setup, so allow some slack.
     assert times[-1] - times[0] >= 0.9, gaps
     assert min(gaps) >= 0.3, gaps
@@ -274,3 +276,20 @@ def test_a_pvs_reboot_is_noticed_and_reported(fresh_simulator: Simulator, make_g
             assert time.monotonic() < deadline, c.get("/stats").json()
         ready = c.get("/readyz").json()
         assert ready["upstream"]["last_success"] is not None
+
+
+def test_a_caller_that_hangs_up_leaves_its_fetch_to_finish_and_fill_the_cache(fresh_simulator: Simulator, make_gateway) -> None:
+    """The slot is the PVS's, not the caller's: the next request waits for the abandoned one to end."""
+    gw = make_gateway(fresh_simulator.url, {"upstream": {"max_concurrency": 1, "timeout": 10.0}})
+    fresh_simulator.fault("slow", 1.0)  # every answer 1 s late (DeviceList: ~1.5 s)
+    with gw.client(timeout=0.3) as impatient, contextlib.suppress(httpx.TimeoutException):
+        impatient.get(DEVICE_LIST)  # the caller hangs up; the PVS is still working
+    with gw.client() as c:
+        other = c.get("/cgi-bin/dl_cgi?Command=Get_Comm")  # needs the slot the abandoned request holds
+        assert other.status_code == 200
+        fresh_simulator.fault("ok")
+        again = c.get(DEVICE_LIST)
+    stats = fresh_simulator.stats()
+    assert stats["max_in_flight"] == 1, stats
+    assert again.status_code == 200 and again.headers["cache-status"].startswith("pvs-gateway; hit"), again.headers
+    assert stats["by_request"].get("DeviceList") == 1, stats  # the abandoned fetch filled the cache

@@ -42,6 +42,9 @@ GATEWAY_CONFIG = {
         "failure_threshold": 1,
         "backoff_initial": 0.2,
         "backoff_max": 0.3,
+        # A hung request keeps its budget slot this long after its timeout (the PVS may still be
+        # working on it); the default 60 s would dominate the recovery this file measures.
+        "busy_hold": 1.0,
     },
     "cache": {"stale_while_revalidate": 0, "max_stale": 600, "ttl": {"supervisor/info": WARM_TTL, "vars": WARM_TTL}},
 }
