@@ -26,6 +26,7 @@ the memory per open connection is that buffer.
 from __future__ import annotations
 
 import argparse
+import asyncio
 from pathlib import Path
 
 import uvicorn
@@ -81,9 +82,9 @@ def main() -> None:
     ap.add_argument("--tls-read-buffer", type=int, default=0, help="diagnostic: asyncio's per-connection TLS read buffer, bytes")
     args = ap.parse_args()
     if args.tls_read_buffer:
-        import asyncio.sslproto
+        from asyncio import sslproto
 
-        asyncio.sslproto.SSLProtocol.max_size = args.tls_read_buffer
+        sslproto.SSLProtocol.max_size = args.tls_read_buffer
     app = make_app(Path(args.body).read_bytes())
     server = uvicorn.Server(config(app, args.port, args.cert, args.key, args.keepalive))
     print(f"bare ready url=https://127.0.0.1:{args.port} http=h11 loop=asyncio", flush=True)
