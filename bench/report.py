@@ -69,7 +69,9 @@ def targets(r: dict[str, Any]) -> list[tuple[str, str, bool | str | None]]:
                      f"{ratio:.2f} × ({g['rps']:.0f} vs {b['rps']:.0f} req/s)", ratio >= 0.8))
         eff = g["requests_per_cpu_s"] / b["requests_per_cpu_s"]
         rows.append((f"… the same per CPU-second (≥ 0.8 ×), {c} conns",
-                     f"{eff:.2f} × ({g['requests_per_cpu_s']:.0f} vs {b['requests_per_cpu_s']:.0f} req per CPU-s)", eff >= 0.8))
+                     (f"{eff:.2f} × ({g['requests_per_cpu_s']:.0f} vs {b['requests_per_cpu_s']:.0f} req per CPU-s: "
+                      f"{1e6 / g['requests_per_cpu_s']:.0f} vs {1e6 / b['requests_per_cpu_s']:.0f} µs of CPU per request, "
+                      f"our layers add {1e6 / g['requests_per_cpu_s'] - 1e6 / b['requests_per_cpu_s']:.0f} µs)"), eff >= 0.8))
         if s.get("caddy"):
             o = s["caddy"]
             rows.append((f"Ahead of Caddy's pass-through (seed setup), {c} conns",
@@ -334,7 +336,9 @@ def render(r: dict[str, Any]) -> str:
         w(f"py-spy {pr['rate_hz']} Hz for {pr['seconds']} s on the gateway under wrk (16 connections, "
           f"{_f(pr.get('rps_while_recording_raw'), 0)} req/s while sampled, with native frames). The event loop's thread was busy in "
           f"{pr['busy_share_of_main']:.0%} of its samples; shares below are of its busy samples ({pr['samples_main_busy']}). "
-          "Each sample is charged to the innermost frame that belongs to a component (exclusive split, sums to 100%).\n")
+          "Each sample is charged to the innermost frame that belongs to a component (exclusive split, sums to 100%): "
+          "framework code called by our layers counts as framework, so the whole cost of our layers is better read from "
+          "the CPU per request of the gateway against the bare app (Targets).\n")
         gr = pr.get("groups", {})
         w(f"**Framework {gr.get('framework', 0):.0%}, our layers {gr.get('ours', 0):.0%}, other {gr.get('other', 0):.0%}.**\n")
         w("| Component | whose | share |")
