@@ -14,7 +14,12 @@ with ``loop.start_tls`` so that it has its own deadline. Both end in the
 same asyncio SSL transport.
 
     python -m bench.bare_app --port P --cert leaf.pem --key leaf.key --body devicelist.json [--keepalive S]
-        [--tls-read-buffer BYTES]
+        [--tls-read-buffer BYTES] [--headers FILE]
+
+``--headers`` (a JSON object) adds those response headers to every DeviceList
+answer: with the headers a gateway answer carries, the bare app does the same
+HTTP work per answer (h11 validates and writes every header) and what is left
+of the difference is the gateway's own Python.
 
 ``--tls-read-buffer`` is a diagnostic for the footprint section only, never
 used for throughput: asyncio's TLS transport (``asyncio.sslproto.SSLProtocol``)
@@ -27,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 from pathlib import Path
 
 import uvicorn
@@ -36,9 +42,9 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 
-def make_app(body: bytes) -> Starlette:
+def make_app(body: bytes, headers: dict[str, str] | None = None) -> Starlette:
     async def device_list(request: Request) -> Response:
-        return Response(body, media_type="application/json")
+        return Response(body, media_type="application/json", headers=headers)
 
     async def healthz(request: Request) -> Response:
         return Response(b'{"status":"ok"}', media_type="application/json")
@@ -79,13 +85,15 @@ def main() -> None:
     ap.add_argument("--key", required=True)
     ap.add_argument("--body", required=True)
     ap.add_argument("--keepalive", type=float, default=0, help="keep-alive timeout, s (default: the gateway's default)")
+    ap.add_argument("--headers", help="JSON object of extra response headers for DeviceList")
     ap.add_argument("--tls-read-buffer", type=int, default=0, help="diagnostic: asyncio's per-connection TLS read buffer, bytes")
     args = ap.parse_args()
     if args.tls_read_buffer:
         from asyncio import sslproto
 
         sslproto.SSLProtocol.max_size = args.tls_read_buffer
-    app = make_app(Path(args.body).read_bytes())
+    extra = json.loads(Path(args.headers).read_text()) if args.headers else None
+    app = make_app(Path(args.body).read_bytes(), extra)
     server = uvicorn.Server(config(app, args.port, args.cert, args.key, args.keepalive))
     print(f"bare ready url=https://127.0.0.1:{args.port} http=h11 loop=asyncio", flush=True)
     asyncio.run(server.serve())

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-ORDER = ["gateway", "bare", "caddy", "nginx-proxy", "nginx"]
+ORDER = ["gateway", "bare", "bare-headers", "caddy", "nginx-proxy", "nginx"]
 REFERENCE = "bare"
 REPORTED = "reported"
 
@@ -72,6 +72,11 @@ def targets(r: dict[str, Any]) -> list[tuple[str, str, bool | str | None]]:
                      (f"{eff:.2f} × ({g['requests_per_cpu_s']:.0f} vs {b['requests_per_cpu_s']:.0f} req per CPU-s: "
                       f"{1e6 / g['requests_per_cpu_s']:.0f} vs {1e6 / b['requests_per_cpu_s']:.0f} µs of CPU per request, "
                       f"our layers add {1e6 / g['requests_per_cpu_s'] - 1e6 / b['requests_per_cpu_s']:.0f} µs)"), eff >= 0.8))
+        if s.get("bare-headers"):
+            h = s["bare-headers"]
+            rows.append((f"… against the bare app sending the same headers as a gateway hit (the gateway's own Python alone), {c} conns",
+                         (f"{g['rps'] / h['rps']:.2f} × req/s, {g['requests_per_cpu_s'] / h['requests_per_cpu_s']:.2f} × per CPU-s "
+                          f"(bare-headers ÷ bare: {h['requests_per_cpu_s'] / b['requests_per_cpu_s']:.2f} × per CPU-s)"), REPORTED))
         if s.get("caddy"):
             o = s["caddy"]
             rows.append((f"Ahead of Caddy's pass-through (seed setup), {c} conns",

@@ -100,12 +100,14 @@ def auth_headers(p: Proc) -> dict[str, str]:
 
 
 def bare(workdir: Path, body_file: Path, cert: Path, key: Path, *, cpus: str = SUT_CPUS, keepalive: float = 0,
-         tls_read_buffer: int = 0) -> Proc:
+         tls_read_buffer: int = 0, headers_file: Path | None = None, name: str = "bare") -> Proc:
     """bench/bare_app.py: uvicorn (h11, asyncio) + Starlette, the same bytes, the gateway's TLS profile."""
     port = free_port()
     argv = [python(), "-m", "bench.bare_app", "--port", str(port), "--cert", str(cert), "--key", str(key), "--body", str(body_file),
             "--keepalive", str(keepalive), "--tls-read-buffer", str(tls_read_buffer)]
-    p = spawn("bare", argv, workdir, cpus=cpus, env={"PYTHONPATH": str(Path(__file__).resolve().parent.parent)})
+    if headers_file is not None:
+        argv += ["--headers", str(headers_file)]
+    p = spawn(name, argv, workdir, cpus=cpus, env={"PYTHONPATH": str(Path(__file__).resolve().parent.parent)})
     p.url = f"https://{HOST}:{port}"
     wait_http(p.url + "/healthz", proc=p)
     return p

@@ -10,6 +10,10 @@ Targets, all in front of (or standing in for) the same fast static upstream
   with the same protocol implementation and loop (h11, asyncio), the same
   TLS profile and certificate (bench/bare_app.py): the reference, what the
   stack costs without the gateway's own work;
+- ``bare-headers``: the same bare app adding the headers a gateway cache hit
+  carries (security headers, ``Cache-Status``, ``RateLimit``, ...; taken from
+  the gateway's answer): the same HTTP work per answer, so gateway ÷
+  bare-headers is the cost of the gateway's own Python alone (reported);
 - ``caddy``: the seed guide's bridge (``reverse_proxy``, ``tls internal``), no cache;
 - ``nginx-proxy``: nginx as a plain TLS reverse proxy (pass-through, no cache);
 - ``nginx``: ``proxy_cache`` in front of the upstream, TLS with the gateway's certificate.
@@ -24,6 +28,7 @@ CPU-second, which other work on the machine disturbs less than req/s.
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 from typing import Any
@@ -44,6 +49,7 @@ from bench.common import (
 DESCRIPTIONS = {
     "gateway": "pvs-gateway: TLS, API key, rate limits on, access log to a file, cache hit",
     "bare": "bare uvicorn + Starlette, same bytes, same protocol (h11), loop (asyncio) and TLS profile: the reference",
+    "bare-headers": "the bare app adding the response headers of a gateway cache hit: the same HTTP work per answer",
     "caddy": "Caddy `reverse_proxy` + `tls internal` (seed guide), pass-through to the static upstream",
     "nginx-proxy": "nginx `proxy_pass` + TLS, pass-through to the static upstream (no cache)",
     "nginx": "nginx `proxy_cache` + TLS, cache hit",
@@ -55,10 +61,22 @@ def start_targets(work: Path, upstream: Proc, body_file: Path) -> dict[str, Proc
     targets["gateway"] = servers.gateway(work / "gateway", upstream.url, {"cache": {"ttl": {"DeviceList": 3600}}})
     cert, key = targets["gateway"].extra["cert"], targets["gateway"].extra["keyfile"]
     targets["bare"] = servers.bare(work / "bare", body_file, cert, key)
+    targets["bare-headers"] = servers.bare(work / "bare-headers", body_file, cert, key, name="bare-headers",
+                                           headers_file=gateway_headers(work, targets["gateway"]))
     targets["caddy"] = servers.caddy(work / "caddy", upstream.url)
     targets["nginx-proxy"] = servers.nginx_proxy(work / "nginx-proxy", upstream.url, cert, key)
     targets["nginx"] = servers.nginx_cache(work / "nginx", upstream.url, cert, key)
     return targets
+
+
+def gateway_headers(work: Path, gw: Proc) -> Path:
+    """The headers of a gateway cache hit, less those every answer has, as JSON for bench/bare_app.py."""
+    get(gw.url + servers.DEVICE_LIST, servers.auth_headers(gw))
+    _, headers, _ = get(gw.url + servers.DEVICE_LIST, servers.auth_headers(gw))
+    extra = {k: v for k, v in headers.items() if k not in ("content-type", "content-length", "connection")}
+    path = work / "gateway-headers.json"
+    path.write_text(json.dumps(extra))
+    return path
 
 
 def warm(name: str, p: Proc) -> dict[str, Any]:
