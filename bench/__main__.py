@@ -1,15 +1,14 @@
 """``python -m bench``: every benchmark in one run, results in bench/RESULTS.md and bench/results.json.
 
-    .venv/bin/python -m bench            # the full run (~10 min on 2 cores)
+    .venv/bin/python -m bench            # the full run (~8 min on 2 cores)
     .venv/bin/python -m bench --quick    # a smoke run (~1.5 min): short, single runs; numbers not comparable
     .venv/bin/python -m bench --only throughput,profile
 
-Sections: footprint (start to ready), throughput (cached hits vs bare,
-Caddy, nginx; RSS), limitcost (issue 7: with and without rate limits, side
-by side on one core), inprocess (a cached hit's cost in Python, with and
-without rate limits), profile (py-spy), swr (steady state across
-refreshes), storm (upstream requests per caller request). Everything on
-127.0.0.1.
+Sections: footprint (start to ready; RSS idle and with 500 open
+connections), throughput (cached hits vs the bare uvicorn + Starlette app,
+Caddy, nginx; req per CPU-second; latency), profile (py-spy: framework vs
+our layers), swr (steady state across refreshes), storm (what the PVS sees
+under a storm of callers). Everything on 127.0.0.1.
 """
 
 from __future__ import annotations
@@ -34,8 +33,6 @@ from typing import Any
 from bench import (
     common,
     footprint,
-    inprocess,
-    limitcost,
     profile,
     report,
     servers,
@@ -45,7 +42,7 @@ from bench import (
 )
 from bench.common import BENCH, LOAD_CPUS, ROOT, SUT_CPUS, run_capture
 
-SECTIONS = ("footprint", "throughput", "limitcost", "inprocess", "profile", "swr", "storm")
+SECTIONS = ("footprint", "throughput", "profile", "swr", "storm")
 
 
 def log(msg: str) -> None:
@@ -107,8 +104,7 @@ def meta(argv: list[str]) -> dict[str, Any]:
             "Python": platform.python_version(),
             "uvicorn": _version("uvicorn"),
             "starlette": _version("starlette"),
-            "httptools": _version("httptools"),
-            "uvloop": _version("uvloop"),
+            "h11": _version("h11"),
             "limits": _version("limits"),
             "OpenSSL": ssl.OPENSSL_VERSION.replace("OpenSSL ", ""),
             "Caddy": _first_line(run_capture(["caddy", "version"])).split(" ")[0],
@@ -170,17 +166,14 @@ def main() -> int:
             log(f"[{time.monotonic() - started:5.0f} s] {name}")
             try:
                 results[name] = fn()
-            except Exception:  # noqa: BLE001 - one broken section must not lose the others' numbers
+            except Exception:
                 results["errors"][name] = traceback.format_exc()
                 log(f"  {name} FAILED:\n{traceback.format_exc()}")
 
-        section("footprint", lambda: footprint.run(work / "footprint", upstream.url, starts=2 if q else 5, log=log))
+        section("footprint", lambda: footprint.run(work / "footprint", upstream, body_file, starts=2 if q else 5, log=log))
         section("throughput", lambda: throughput.run(
             work / "throughput", upstream, body_file, connections=[16, 64], runs=runs, duration=duration,
             warmup=1.0 if q else 2.0, paced_delay_ms=20, retry_budget=0 if q else 6, log=log))
-        section("limitcost", lambda: limitcost.run(
-            work / "limitcost", upstream.url, rounds=3 if q else 20, duration=2.0 if q else 5.0, log=log))
-        section("inprocess", lambda: inprocess.run(work / "inprocess", upstream.url, reps=3 if q else 15, log=log))
         section("profile", lambda: profile.run(work / "profile", upstream, out_dir, seconds=3 if q else 8, log=log))
         section("swr", lambda: swr.run(work / "swr", duration=5.0 if q else 10.0, connections=8, delay_ms=20, log=log))
         section("storm", lambda: storm.run(work / "storm", callers=24, duration=6.0 if q else 15.0, ttl=2.0, min_interval=0.2, log=log))

@@ -1,28 +1,38 @@
-"""The ceiling of this stack: a bare Starlette app returning the DeviceList bytes, over TLS.
+"""The reference for throughput: a bare Starlette app returning the DeviceList bytes, over TLS.
 
-Served by uvicorn with the gateway's own uvicorn settings and TLS profile
-(``gateway.server._uvicorn_config`` and ``gateway.tls.server_ssl_context``),
-so the only difference from the gateway is the gateway's own work: no auth,
-no rate limit, no middleware, no cache lookup.
+Served by stock uvicorn on the same protocol implementation and loop as the
+gateway (uvicorn's h11 protocol, the standard library's asyncio loop, see
+``gateway/server.py``), with the same uvicorn options that matter per
+request (no server or date header, no access log, keep-alive timeout) and
+the same TLS profile (``gateway.tls.server_ssl_context``, the gateway's
+certificate). What it lacks is only the gateway's own work: the edge's
+caps and deadlines, middleware, authentication, rate limits, cache lookup.
 
-    python -m bench.bare_app --port P --cert leaf.pem --key leaf.key --body devicelist.json \
-        [--loop uvloop] [--protocol uvicorn|gateway]
+One difference is unavoidable: uvicorn wraps the socket in TLS itself here
+(``create_server(ssl=...)``), while the gateway's edge does the handshake
+with ``loop.start_tls`` so that it has its own deadline. Both end in the
+same asyncio SSL transport.
 
-``--protocol uvicorn`` (the default) is uvicorn's own httptools connection
-protocol: the bare stack, the ceiling. ``--protocol gateway`` is the
-gateway's subclass of it (``gateway.httpproto``: head deadline, one write
-per answer), kept as a reference: what that protocol is worth on its own.
+    python -m bench.bare_app --port P --cert leaf.pem --key leaf.key --body devicelist.json [--keepalive S]
+        [--tls-read-buffer BYTES] [--headers FILE]
 
-``--loop uvloop`` (the gateway's own loop, ``gateway.server.run_async``) is
-the stack's ceiling; ``--loop asyncio`` (``asyncio.run``, the standard
-library's loop) is kept as a reference: what uvloop is worth, and how the
-standard library's TLS transport behaves.
+``--headers`` (a JSON object) adds those response headers to every DeviceList
+answer: with the headers a gateway answer carries, the bare app does the same
+HTTP work per answer (h11 validates and writes every header) and what is left
+of the difference is the gateway's own Python.
+
+``--tls-read-buffer`` is a diagnostic for the footprint section only, never
+used for throughput: asyncio's TLS transport (``asyncio.sslproto.SSLProtocol``)
+gives every connection a read buffer of ``SSLProtocol.max_size`` (256 KiB),
+zero-filled, so resident; this sets that class attribute, to show how much of
+the memory per open connection is that buffer.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 from pathlib import Path
 
 import uvicorn
@@ -32,9 +42,9 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 
-def make_app(body: bytes) -> Starlette:
+def make_app(body: bytes, headers: dict[str, str] | None = None) -> Starlette:
     async def device_list(request: Request) -> Response:
-        return Response(body, media_type="application/json")
+        return Response(body, media_type="application/json", headers=headers)
 
     async def healthz(request: Request) -> Response:
         return Response(b'{"status":"ok"}', media_type="application/json")
@@ -42,22 +52,28 @@ def make_app(body: bytes) -> Starlette:
     return Starlette(routes=[Route("/cgi-bin/dl_cgi", device_list), Route("/healthz", healthz)])
 
 
-def config(app: Starlette, port: int, cert: str, key: str, protocol: str = "uvicorn") -> uvicorn.Config:
+def config(app: Starlette, port: int, cert: str, key: str, keepalive: float = 0) -> uvicorn.Config:
     from gateway.settings import Settings
     from gateway.tls import server_ssl_context
 
-    try:
-        from gateway.server import _uvicorn_config
-
-        cfg = _uvicorn_config(app, "127.0.0.1", port, Settings())
-    except ImportError:  # the gateway's helper moved: the same settings, spelled out
-        cfg = uvicorn.Config(
-            app, host="127.0.0.1", port=port, proxy_headers=False, server_header=False,
-            access_log=False, log_config=None, lifespan="on", timeout_keep_alive=15,
-        )
-    if protocol == "uvicorn":
-        cfg.http = "httptools"  # uvicorn's own protocol, not the gateway's subclass
+    server = Settings().server
+    cfg = uvicorn.Config(
+        app,
+        host="127.0.0.1",
+        port=port,
+        http="h11",
+        loop="asyncio",
+        ws="none",
+        lifespan="on",
+        proxy_headers=False,
+        server_header=False,
+        date_header=False,
+        access_log=False,
+        log_config=None,
+        timeout_keep_alive=int(keepalive or server.keepalive_timeout),
+    )
     cfg.load()
+    # uvicorn would build its own context from ssl_* options; the gateway's profile instead.
     cfg.ssl = server_ssl_context(cert, key)
     return cfg
 
@@ -68,24 +84,19 @@ def main() -> None:
     ap.add_argument("--cert", required=True)
     ap.add_argument("--key", required=True)
     ap.add_argument("--body", required=True)
-    ap.add_argument(
-        "--loop",
-        choices=("asyncio", "uvloop"),
-        default="asyncio",
-        help="uvloop: uvloop's loop (as gateway.server.run_async); asyncio: asyncio.run, the standard library's loop",
-    )
-    ap.add_argument("--protocol", choices=("uvicorn", "gateway"), default="uvicorn")
+    ap.add_argument("--keepalive", type=float, default=0, help="keep-alive timeout, s (default: the gateway's default)")
+    ap.add_argument("--headers", help="JSON object of extra response headers for DeviceList")
+    ap.add_argument("--tls-read-buffer", type=int, default=0, help="diagnostic: asyncio's per-connection TLS read buffer, bytes")
     args = ap.parse_args()
-    app = make_app(Path(args.body).read_bytes())
-    server = uvicorn.Server(config(app, args.port, args.cert, args.key, args.protocol))
-    print(f"bare ready url=https://127.0.0.1:{args.port} loop={args.loop} protocol={args.protocol}", flush=True)
-    if args.loop == "uvloop":
-        import uvloop
+    if args.tls_read_buffer:
+        from asyncio import sslproto
 
-        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-            runner.run(server.serve())
-    else:
-        asyncio.run(server.serve())
+        sslproto.SSLProtocol.max_size = args.tls_read_buffer
+    extra = json.loads(Path(args.headers).read_text()) if args.headers else None
+    app = make_app(Path(args.body).read_bytes(), extra)
+    server = uvicorn.Server(config(app, args.port, args.cert, args.key, args.keepalive))
+    print(f"bare ready url=https://127.0.0.1:{args.port} http=h11 loop=asyncio", flush=True)
+    asyncio.run(server.serve())
 
 
 if __name__ == "__main__":

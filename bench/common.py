@@ -145,7 +145,7 @@ class Sampler:
             self.max_rss_mb = max(self.max_rss_mb, rss_mb(self.pid))
             self._stop.wait(self.interval)
 
-    def __enter__(self) -> Sampler:  # noqa: PYI034
+    def __enter__(self) -> Sampler:
         self._thread.start()
         return self
 

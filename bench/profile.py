@@ -1,4 +1,8 @@
-"""Where the time goes on a cached hit: py-spy sampling the gateway under wrk load.
+"""Where the time of a cached hit goes: py-spy sampling the gateway under wrk load.
+
+The busy samples of the event loop's thread are split by component and grouped
+into the framework's (uvicorn, h11, Starlette, asyncio, ssl/OpenSSL, socket
+calls) and ours (gateway.edge, middleware, auth, rate limit, routes, proxy, cache).
 
 Two recordings, each while wrk holds 16 connections on the gateway:
 - ``--native --format raw`` (Python and C frames) -> ``profile-raw.txt``,
@@ -28,23 +32,31 @@ from bench.common import LOAD_CPUS, Proc, taskset
 
 RATE = 100
 
-# (bucket, pattern): each busy sample goes to the first bucket whose pattern
-# matches a frame, walking from the innermost frame outwards.
-BUCKETS: list[tuple[str, re.Pattern[str]]] = [
-    ("access log (line formatting + logging)", re.compile(r"\(logging/|AccessLogMiddleware\._record|accesslog\.py.*_quote")),
-    ("request id (secrets.token_hex)", re.compile(r"token_hex|\(secrets\.py|\(random\.py|randbytes|getrandom")),
-    ("rate limit (limits library)", re.compile(r"\(limits/|RateLimiter\.check|Verdict\.")),
-    ("authentication (API key)", re.compile(r"\(gateway/auth/")),
-    ("allowlist parse (classify)", re.compile(r"\(gateway/allowlist\.py|Proxy\.resolve")),
-    ("cache lookup + answer headers", re.compile(r"\(gateway/cache\.py|Proxy\._headers|Proxy\.lookup")),
-    ("TLS (OpenSSL + the loop's SSL protocol)", re.compile(r"SSLProtocol|\(ssl\.py|sslproto|_ssl|libssl|libcrypto|SSL_")),
-    ("socket I/O (send/recv syscalls)", re.compile(
-        r"^(send|recv|sendmsg|recvmsg|writev|readv) \(libc|sock_(send|recv|call)|selector_events|UVStream__|uv__read|uv__write|uv_try_write|uv__stream_io")),
-    ("uvicorn HTTP protocol (httptools, gateway/httpproto.py)", re.compile(r"uvicorn/|httptools|gateway/httpproto")),
-    ("Starlette (router, exception middleware)", re.compile(r"\(starlette/")),
-    ("gateway middleware (guard, forwarded, header wrappers)", re.compile(r"\(gateway/middleware/|RateLimitMiddleware|send_with_headers")),
-    ("gateway proxy + responses", re.compile(r"\(gateway/")),
-    ("event loop, tasks, callbacks", re.compile(r"asyncio/|_asynciomodule|uvloop|events\.py|TaskStep|task_step|\(loop\.c\)|\(core\.c\)|uv_run")),
+# (group, bucket, pattern): each busy sample goes to the first bucket whose pattern
+# matches a frame, walking from the innermost frame outwards (exclusive split). The
+# group says whose code it is: the framework's (uvicorn, h11, Starlette, asyncio, the
+# ssl module and OpenSSL, the kernel's socket calls) or ours (gateway.*, and the
+# libraries called only for our decisions: logging for the access log, limits).
+FRAMEWORK = "framework"
+OURS = "ours"
+BUCKETS: list[tuple[str, str, re.Pattern[str]]] = [
+    (OURS, "access log (gateway/middleware/accesslog.py, logbuffer, logging)",
+     re.compile(r"\(logging/|gateway/middleware/accesslog|gateway/logbuffer")),
+    (OURS, "rate limit (gateway/ratelimit.py + limits)", re.compile(r"\(limits/|gateway/ratelimit\.py")),
+    (OURS, "authentication (gateway/auth/)", re.compile(r"\(gateway/auth/")),
+    (OURS, "edge (gateway/edge.py)", re.compile(r"\(gateway/edge\.py")),
+    (OURS, "middleware (gateway/middleware/: guard, forwarded, LAN)", re.compile(r"\(gateway/middleware/")),
+    (OURS, "cache (gateway/cache.py)", re.compile(r"\(gateway/cache\.py")),
+    (OURS, "routes + allowlist (gateway/routes.py, allowlist.py)", re.compile(r"\(gateway/(routes|allowlist|scopes)\.py")),
+    (OURS, "proxy, responses, other gateway code", re.compile(r"\(gateway/")),
+    (FRAMEWORK, "TLS (OpenSSL, ssl module, asyncio sslproto)",
+     re.compile(r"SSLProtocol|\(ssl\.py|sslproto|_ssl|libssl|libcrypto|SSL_")),
+    (FRAMEWORK, "socket I/O (send/recv syscalls, asyncio selector transport)", re.compile(
+        r"^(send|recv|sendmsg|recvmsg|writev|readv) \(libc|sock_(send|recv|call)|selector_events")),
+    (FRAMEWORK, "uvicorn + h11 (HTTP/1.1 protocol)", re.compile(r"uvicorn/|\(h11/")),
+    (FRAMEWORK, "Starlette (router, request, response)", re.compile(r"\(starlette/")),
+    (FRAMEWORK, "event loop, tasks, callbacks (asyncio)",
+     re.compile(r"asyncio/|_asynciomodule|events\.py|TaskStep|task_step|\(contextvars|\(typing\.py")),
 ]
 IDLE_LEAF = re.compile(r"EpollSelector\.select|epoll_wait|epoll_pwait|select\.epoll|_run_once \(asyncio/base_events\.py|poll \(")
 
@@ -73,6 +85,7 @@ def parse(raw: str) -> dict[str, Any]:
     self_t: collections.Counter[str] = collections.Counter()
     incl: collections.Counter[str] = collections.Counter()
     buckets: collections.Counter[str] = collections.Counter()
+    groups: collections.Counter[str] = collections.Counter()
     for frames, count in main_busy:
         py_frames = [f for f in frames if re.search(r"\(.*\.py\)|\(<", f)]
         if py_frames:
@@ -80,11 +93,13 @@ def parse(raw: str) -> dict[str, Any]:
         for f in set(py_frames):
             incl[f] += count
         for f in reversed(frames):
-            hit = next((name for name, rx in BUCKETS if rx.search(f)), None)
+            hit = next(((group, name) for group, name, rx in BUCKETS if rx.search(f)), None)
             if hit:
-                buckets[hit] += count
+                groups[hit[0]] += count
+                buckets[hit[1]] += count
                 break
         else:
+            groups["other"] += count
             buckets["other"] += count
 
     def share(counter: collections.Counter[str], n: int, skip_outer: bool = False) -> list[dict[str, Any]]:
@@ -102,7 +117,9 @@ def parse(raw: str) -> dict[str, Any]:
         "samples_main_idle": idle,
         "samples_other_threads": other_threads,
         "busy_share_of_main": busy / (busy + idle) if busy + idle else 0.0,
-        "components": [{"component": k, "share": v / busy if busy else 0.0} for k, v in buckets.most_common()],
+        "groups": {g: groups[g] / busy if busy else 0.0 for g in (FRAMEWORK, OURS, "other")},
+        "components": [{"component": k, "group": next((g for g, n, _ in BUCKETS if n == k), "other"),
+                        "share": v / busy if busy else 0.0} for k, v in buckets.most_common()],
         "top_self": share(self_t, 20),
         "top_inclusive": share(incl, 40, skip_outer=True),
     }
@@ -141,6 +158,8 @@ def run(work: Path, upstream: Proc, out_dir: Path, *, seconds: int, log: Any = p
         result.update(parse(raw))
     finally:
         gw.stop()
+    g = result.get("groups", {})
     top = ", ".join(f"{c['component']} {c['share']:.0%}" for c in result.get("components", [])[:5])
-    log(f"  profile: {result.get('samples_main_busy')} busy samples; {top}")
+    log(f"  profile: {result.get('samples_main_busy')} busy samples; framework {g.get(FRAMEWORK, 0):.0%}, ours {g.get(OURS, 0):.0%}, "
+        f"other {g.get('other', 0):.0%}; {top}")
     return result

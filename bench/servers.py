@@ -1,4 +1,4 @@
-"""Starting what the benchmarks measure: gateway, bare ceiling, Caddy, nginx, upstreams.
+"""Starting what the benchmarks measure: gateway, bare reference app, Caddy, nginx, upstreams.
 
 Each function returns a ``Proc`` whose ``url`` answers; all on 127.0.0.1.
 """
@@ -52,7 +52,9 @@ def simulator(workdir: Path, name: str, *args: str) -> Proc:
 # What the benchmarks change from the gateway's defaults. Everything else
 # (access log, TLS profile, middleware, limits storage) is as a user gets it.
 GATEWAY_BASE: dict[str, Any] = {
-    "server": {"host": HOST, "port": 0, "tls": "self-signed", "log_level": "info"},
+    # max_connections_per_ip is raised from its default (64): every bench client comes from
+    # 127.0.0.1, and the footprint section holds 500 connections open at once.
+    "server": {"host": HOST, "port": 0, "tls": "self-signed", "log_level": "info", "max_connections_per_ip": 1000},
     "upstream": {"firmware": "legacy"},
     # Raised so a benchmark's request rate never trips them; they are still checked on every request.
     "ratelimit": {"per_caller": "100000000/minute", "per_ip": "100000000/minute"},
@@ -94,16 +96,18 @@ def auth_headers(p: Proc) -> dict[str, str]:
     return {"Authorization": f"Bearer {p.extra['key']}"}
 
 
-# ------------------------------------------------------------------ the bare ceiling
+# ------------------------------------------------------------------ the bare reference
 
 
-def bare(
-    workdir: Path, body_file: Path, cert: Path, key: Path, *, loop: str = "asyncio", protocol: str = "uvicorn", cpus: str = SUT_CPUS
-) -> Proc:
+def bare(workdir: Path, body_file: Path, cert: Path, key: Path, *, cpus: str = SUT_CPUS, keepalive: float = 0,
+         tls_read_buffer: int = 0, headers_file: Path | None = None, name: str = "bare") -> Proc:
+    """bench/bare_app.py: uvicorn (h11, asyncio) + Starlette, the same bytes, the gateway's TLS profile."""
     port = free_port()
     argv = [python(), "-m", "bench.bare_app", "--port", str(port), "--cert", str(cert), "--key", str(key), "--body", str(body_file),
-            "--loop", loop, "--protocol", protocol]
-    p = spawn(f"bare-{loop}-{protocol}", argv, workdir, cpus=cpus, env={"PYTHONPATH": str(Path(__file__).resolve().parent.parent)})
+            "--keepalive", str(keepalive), "--tls-read-buffer", str(tls_read_buffer)]
+    if headers_file is not None:
+        argv += ["--headers", str(headers_file)]
+    p = spawn(name, argv, workdir, cpus=cpus, env={"PYTHONPATH": str(Path(__file__).resolve().parent.parent)})
     p.url = f"https://{HOST}:{port}"
     wait_http(p.url + "/healthz", proc=p)
     return p

@@ -114,7 +114,7 @@ class Watch:
                 pass
             self._stop.wait(self.interval)
 
-    def __enter__(self) -> Watch:  # noqa: PYI034
+    def __enter__(self) -> Watch:
         self._thread.start()
         return self
 

@@ -6,15 +6,14 @@ Targets, all in front of (or standing in for) the same fast static upstream
 - ``gateway``: pvs-gateway as a user runs it (self-signed TLS, API key,
   access log to a file, rate limits checked on every request but raised so
   they never trip), cache warm (DeviceList TTL 1 h, so every request is a hit);
-- ``gateway-nolog``: the same with ``server.access_log = "off"``;
-- ``gateway-nolimit``: the same with rate limits off (the cost of checking a limit);
-- ``bare-uvloop``: a bare Starlette app returning the same bytes, served by
-  uvicorn (its own httptools protocol) with the gateway's uvicorn settings
-  (``gateway.server._uvicorn_config``), TLS profile and certificate, on uvloop
-  like the gateway: the stack's ceiling;
-- ``bare-gwproto``: the same app on the gateway's connection protocol
-  (``gateway.httpproto``: one write per answer), reference: what the
-  protocol is worth without the gateway's work;
+- ``bare``: a bare Starlette app returning the same bytes on stock uvicorn
+  with the same protocol implementation and loop (h11, asyncio), the same
+  TLS profile and certificate (bench/bare_app.py): the reference, what the
+  stack costs without the gateway's own work;
+- ``bare-headers``: the same bare app adding the headers a gateway cache hit
+  carries (security headers, ``Cache-Status``, ``RateLimit``, ...; taken from
+  the gateway's answer): the same HTTP work per answer, so gateway ÷
+  bare-headers is the cost of the gateway's own Python alone (reported);
 - ``caddy``: the seed guide's bridge (``reverse_proxy``, ``tls internal``), no cache;
 - ``nginx-proxy``: nginx as a plain TLS reverse proxy (pass-through, no cache);
 - ``nginx``: ``proxy_cache`` in front of the upstream, TLS with the gateway's certificate.
@@ -22,11 +21,14 @@ Targets, all in front of (or standing in for) the same fast static upstream
 Every server under test runs on one core (CPU 1; Go with GOMAXPROCS=1,
 nginx with one worker); wrk (one thread) and the upstream share the other.
 Runs are interleaved across targets (run 1 of every target, then run 2, ...)
-so that background noise on the machine spreads over all of them.
+so that background noise on the machine spreads over all of them. CPU time
+of the server (user + system, from /proc) over each run gives requests per
+CPU-second, which other work on the machine disturbs less than req/s.
 """
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 from typing import Any
@@ -45,11 +47,9 @@ from bench.common import (
 )
 
 DESCRIPTIONS = {
-    "gateway": "pvs-gateway: TLS, API key, rate limits, access log to a file, cache hit",
-    "gateway-nolog": "pvs-gateway, `server.access_log = \"off\"`",
-    "gateway-nolimit": "pvs-gateway with rate limits off (what checking a limit costs a cache hit: compare with `gateway`)",
-    "bare-uvloop": "bare uvicorn + Starlette, same bytes, uvicorn's own protocol, the gateway's uvicorn settings, TLS profile and loop (uvloop): the ceiling",
-    "bare-gwproto": "the same bare app on the gateway's connection protocol (`gateway/httpproto.py`, one write per answer): what that protocol is worth alone",
+    "gateway": "pvs-gateway: TLS, API key, rate limits on, access log to a file, cache hit",
+    "bare": "bare uvicorn + Starlette, same bytes, same protocol (h11), loop (asyncio) and TLS profile: the reference",
+    "bare-headers": "the bare app adding the response headers of a gateway cache hit: the same HTTP work per answer",
     "caddy": "Caddy `reverse_proxy` + `tls internal` (seed guide), pass-through to the static upstream",
     "nginx-proxy": "nginx `proxy_pass` + TLS, pass-through to the static upstream (no cache)",
     "nginx": "nginx `proxy_cache` + TLS, cache hit",
@@ -57,31 +57,26 @@ DESCRIPTIONS = {
 
 
 def start_targets(work: Path, upstream: Proc, body_file: Path) -> dict[str, Proc]:
-    gw_cache = {"cache": {"ttl": {"DeviceList": 3600}}}
     targets: dict[str, Proc] = {}
-    targets["gateway"] = servers.gateway(work / "gateway", upstream.url, gw_cache)
-    targets["gateway"].extra["idle_started_rss_mb"] = _settle_rss(targets["gateway"])
-    targets["gateway-nolog"] = servers.gateway(
-        work / "gateway-nolog", upstream.url, {**gw_cache, "server": {"access_log": "off"}}, name="gateway-nolog"
-    )
-    targets["gateway-nolimit"] = servers.gateway(
-        work / "gateway-nolimit",
-        upstream.url,
-        {**gw_cache, "ratelimit": {"per_caller": "off", "per_ip": "off", "auth_failures": "off"}},
-        name="gateway-nolimit",
-    )
+    targets["gateway"] = servers.gateway(work / "gateway", upstream.url, {"cache": {"ttl": {"DeviceList": 3600}}})
     cert, key = targets["gateway"].extra["cert"], targets["gateway"].extra["keyfile"]
-    targets["bare-uvloop"] = servers.bare(work / "bare-uvloop", body_file, cert, key, loop="uvloop")
-    targets["bare-gwproto"] = servers.bare(work / "bare-gwproto", body_file, cert, key, loop="uvloop", protocol="gateway")
+    targets["bare"] = servers.bare(work / "bare", body_file, cert, key)
+    targets["bare-headers"] = servers.bare(work / "bare-headers", body_file, cert, key, name="bare-headers",
+                                           headers_file=gateway_headers(work, targets["gateway"]))
     targets["caddy"] = servers.caddy(work / "caddy", upstream.url)
     targets["nginx-proxy"] = servers.nginx_proxy(work / "nginx-proxy", upstream.url, cert, key)
     targets["nginx"] = servers.nginx_cache(work / "nginx", upstream.url, cert, key)
     return targets
 
 
-def _settle_rss(p: Proc) -> float:
-    time.sleep(1.0)
-    return rss_mb(p.pid)
+def gateway_headers(work: Path, gw: Proc) -> Path:
+    """The headers of a gateway cache hit, less those every answer has, as JSON for bench/bare_app.py."""
+    get(gw.url + servers.DEVICE_LIST, servers.auth_headers(gw))
+    _, headers, _ = get(gw.url + servers.DEVICE_LIST, servers.auth_headers(gw))
+    extra = {k: v for k, v in headers.items() if k not in ("content-type", "content-length", "connection")}
+    path = work / "gateway-headers.json"
+    path.write_text(json.dumps(extra))
+    return path
 
 
 def warm(name: str, p: Proc) -> dict[str, Any]:
@@ -92,7 +87,7 @@ def warm(name: str, p: Proc) -> dict[str, Any]:
     status2, h2, body2 = get(url, headers)
     if status != 200 or status2 != 200 or body2 != body:
         raise RuntimeError(f"{name}: warm-up got {status}/{status2}")
-    info = {"body_bytes": len(body2), "cache_status": h2.get("cache-status", "")}
+    info: dict[str, Any] = {"body_bytes": len(body2), "cache_status": h2.get("cache-status", "")}
     if name.startswith("gateway") and "hit" not in info["cache_status"]:
         raise RuntimeError(f"{name}: second request was not a cache hit: {info['cache_status']!r}")
     time.sleep(1.0)
@@ -153,8 +148,6 @@ def run(work: Path, upstream: Proc, body_file: Path, *, connections: list[int], 
                               "warmup_s": warmup, "paced_delay_ms": paced_delay_ms, "descriptions": DESCRIPTIONS}
     for name, p in targets.items():
         result["targets"][name] = {"warm": warm(name, p), "runs": {str(c): [] for c in connections}, "pid": p.pid}
-        if "idle_started_rss_mb" in p.extra:
-            result["targets"][name]["idle_started_rss_mb"] = p.extra["idle_started_rss_mb"]
 
     retries = Retries(retry_budget)
     for c in connections:
