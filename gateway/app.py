@@ -14,7 +14,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any, TextIO
 
@@ -27,23 +27,19 @@ from starlette.responses import Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from gateway import dashboard, local, metrics, routes
+from gateway import dashboard, local, routes
 from gateway.auth import Principal
 from gateway.auth.frontproxy import front_proxy_verifier
 from gateway.auth.keys import KeyStore
 from gateway.auth.middleware import Authenticator, AuthMiddleware, FailureGate
 from gateway.auth.sessions import SessionSigner, SessionStore, load_or_create_secret
-from gateway.budget import UpstreamBudget
-from gateway.cache import ResponseCache
 from gateway.edge import Connections, EdgeLimits, EdgeMiddleware
 from gateway.errors import PROBLEM_TYPE, GatewayError, problem_body
-from gateway.health import UpstreamHealth
 from gateway.logbuffer import LineBuffer
 from gateway.middleware.accesslog import AccessLogMiddleware
 from gateway.middleware.forwarded import ForwardedMiddleware, parse_networks
 from gateway.middleware.guard import GuardMiddleware
 from gateway.middleware.lan import LanListenerMiddleware
-from gateway.poller import Poller
 from gateway.proxy import Proxy
 from gateway.ratelimit import RateLimiter, RateLimitMiddleware
 from gateway.responses import send_problem
@@ -52,7 +48,7 @@ from gateway.scopes import route_path
 from gateway.settings import Settings
 from gateway.shared import Shared, SharedCollector
 from gateway.shared import status as shared_status
-from gateway.upstream import UpstreamClient
+from gateway.site import Site
 
 log = logging.getLogger("gateway")
 
@@ -64,30 +60,15 @@ class Components:
 
     settings: Settings
     keys: KeyStore
-    cache: ResponseCache
-    upstream: UpstreamClient
+    site: Site  # the PVS and everything that belongs to it
     limiter: RateLimiter
     connections: Connections
     drain: Drain
     shared: Shared
     per_identity: dict[str, dict[str, int]] = field(default_factory=dict)
-    background: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
+    background: list[Callable[[], Coroutine[Any, Any, None]]] = field(default_factory=list)
     # Run on SIGHUP (in a thread): each reads its files again and keeps the old state on a problem.
     reloaders: list[Callable[[], object]] = field(default_factory=list)
-
-
-def upstream_transport(settings: Settings) -> httpx.AsyncBaseTransport:
-    from gateway import pinning
-
-    up = settings.upstream
-    return pinning.make_transport(
-        up.url,
-        mode=up.verify_tls,
-        pin_file=settings.path(settings.server.cert_dir) / pinning.PIN_FILE,
-        ca_file=str(settings.path(up.ca_file)) if up.ca_file else "",
-        connect_timeout=up.connect_timeout,
-        limits=httpx.Limits(max_connections=up.max_concurrency + 1, max_keepalive_connections=up.max_concurrency),
-    )
 
 
 def create_app(
@@ -99,34 +80,12 @@ def create_app(
 ) -> GatewayApp:
     """``access_stream``: where access lines go, batched (the CLI's log stream); else the ``gateway.access`` logger.
     ``listener_ports``: the HTTPS (or main) port and the plain-HTTP LAN listener's port (0: none)."""
-    up = settings.upstream
     shared = Shared(settings.cluster.redis_url.get())  # cluster state; local while unset or unreachable
-    health = UpstreamHealth(
-        failure_threshold=up.failure_threshold,
-        backoff_initial=up.backoff_initial,
-        backoff_max=up.backoff_max,
-        shared=shared,
-    )
-    budget = UpstreamBudget(
-        max_concurrency=up.max_concurrency,
-        min_interval=up.min_interval,
-        max_queue=up.max_queue,
-        queue_timeout=up.queue_timeout,
-        shared=shared,
-    )
-    pvs_transport = transport or upstream_transport(settings)
-    timed = metrics.TimedTransport(pvs_transport)  # counts what reaches the PVS
-    upstream = UpstreamClient(up, transport=timed, budget=budget, health=health, shared=shared)
-    cache = ResponseCache(settings.cache, is_failing=lambda: health.failing, shared=shared)
     keys = KeyStore(settings.path(settings.auth.keys_file))
-    limiter = RateLimiter(settings.ratelimit, shared)
-    connections = Connections(edge_limits(settings))
-    parts = Components(settings, keys, cache, upstream, limiter, connections, Drain(), shared)
-
     secret = settings.auth.session_secret.get().encode()
     signer = SessionSigner(secret or load_or_create_secret(settings.path(settings.server.cert_dir) / "session.key"))
     sessions = SessionStore(signer, shared=shared)
-    pvs_login = local.PVSLogin(settings.upstream, settings.auth.allow_anonymous_from, serial=lambda: upstream.serial)
+    pvs_login = local.PVSLogin(settings.upstream, settings.auth.allow_anonymous_from, serial=lambda: site.upstream.serial)
 
     def api_key(presented: str) -> Principal | None:
         record = keys.verify(presented)  # records the use itself
@@ -134,33 +93,32 @@ def create_app(
 
     session = local.session_principal(sessions, keys, pvs_login)
 
-    proxy = Proxy(
+    site = Site.build(
         settings,
-        cache=cache,
-        upstream=upstream,
-        local={
-            # Late-bound: the proxy is built from this table.
-            "Start": local.session_control(cache, lambda resource: proxy.lookup(resource)),
-            "Stop": local.session_control(cache),
+        shared,
+        transport=transport,
+        login={
             "auth.login": local.login(sessions, settings.auth.session_lifetime, pvs_login),
             "auth.logout": local.login(sessions, settings.auth.session_lifetime, pvs_login),
         },
     )
-    poller = Poller(settings, proxy=proxy, cache=cache, upstream=upstream)
+    limiter = RateLimiter(settings.ratelimit, shared)
+    connections = Connections(edge_limits(settings))
+    parts = Components(settings, keys, site, limiter, connections, Drain(), shared)
     table = route_table(settings, assets=dashboard.ASSETS)
     observed = dashboard.build(
-        settings, cache=cache, upstream=upstream, proxy=proxy, limiter=limiter, transport=timed, routes=table,
-        collectors=[SharedCollector(shared)],
+        settings, cache=site.cache, upstream=site.upstream, proxy=site.proxy, limiter=limiter, transport=site.timed, table=table,
+        collectors=[SharedCollector(shared)], shared=shared,
     )
     parts.background += observed.background  # live data and history (gateway.live)
 
     # The proxied PVS paths are dispatched before the router (see ProxyDispatch).
     route_list = [
         Route("/healthz", routes.healthz),
-        Route("/readyz", routes.readyz(health, settings.cache.max_stale, poller.probe, cluster=lambda: shared_status(shared))),
+        Route("/readyz", routes.readyz(site.health, settings.cache.max_stale, site.poller.probe, cluster=lambda: shared_status(shared))),
         Route(
             "/stats",
-            routes.stats(cache, upstream, parts.per_identity, time.monotonic(), observed.timings, connections),
+            routes.stats(site.cache, site.upstream, parts.per_identity, time.monotonic(), observed.timings, connections),
         ),
         Route("/auth/verify", routes.verify(settings.auth.forward_auth_methods)),
         *observed.routes,
@@ -212,10 +170,8 @@ def create_app(
         Middleware(RateLimitMiddleware, limiter=limiter, routes=table),
     ]
 
-    parts.background += [keys.watch, poller.run, sessions.watch, shared.watch, health.follow]
-    parts.reloaders.append(keys.reload_if_changed)
-    if hasattr(pvs_transport, "reload_pin"):  # gateway.pinning.PinningTransport: SIGHUP re-reads the PVS pin
-        parts.reloaders.append(pvs_transport.reload_pin)
+    parts.background += [keys.watch, sessions.watch, shared.watch, *site.background]
+    parts.reloaders += [keys.reload_if_changed, *site.reloaders]
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -228,8 +184,7 @@ def create_app(
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
             keys.flush_usage(force=True)
-            await cache.aclose()
-            await upstream.aclose()
+            await site.aclose()
             await shared.aclose()  # last: the budget releases its leases through it
             if oidc is not None:
                 await oidc.client.aclose()
@@ -244,7 +199,7 @@ def create_app(
     # Starlette answers "/vars/" with a 307 to a Location built from the client's Host header
     # (an open redirect, found by tests/test_fuzz.py); a read-only API has no use for it: 404.
     own_routes.router.redirect_slashes = False
-    stack: ASGIApp = ProxyDispatch(proxy, own_routes, table)
+    stack: ASGIApp = ProxyDispatch(site.proxy, own_routes, table)
     for layer in reversed(middleware):
         stack = layer.cls(stack, *layer.args, **layer.kwargs)
     stack = EdgeMiddleware(DrainMiddleware(stack, parts.drain), connections)

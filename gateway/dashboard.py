@@ -25,7 +25,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Callable, Coroutine, Iterable
 from dataclasses import dataclass
 from importlib import resources as package_files
 from typing import Any
@@ -52,6 +52,7 @@ from gateway.responses import problem_headers
 from gateway.routetable import RouteTable
 from gateway.scopes import RequestState, request_state
 from gateway.settings import Settings
+from gateway.shared import Shared
 
 SUPERVISOR = classify(b"/cgi-bin/dl_cgi/supervisor/info", b"")
 DEVICE_LIST = classify(b"/cgi-bin/dl_cgi", b"Command=DeviceList")
@@ -86,7 +87,7 @@ class Source:
 
 @dataclass(frozen=True, slots=True)
 class Reading:
-    site: normalize.Site
+    site: normalize.SiteReading
     sources: tuple[Source, ...]
 
     @property
@@ -108,7 +109,7 @@ class SiteReader:
         self._cache = cache
         self._proxy = proxy
         self._upstream = upstream
-        self._parsed: tuple[Entry, normalize.Site] | None = None
+        self._parsed: tuple[Entry, normalize.SiteReading] | None = None
         self._triggered: dict[str, float] = {}
 
     def resource(self) -> Resource | None:
@@ -132,7 +133,7 @@ class SiteReader:
         site = self._parse(resource, lookup.entry)
         return Reading(site, (Source(resource, lookup.entry, lookup.age, lookup.cache_status, lookup.error),))
 
-    def peek(self) -> tuple[normalize.Site, float] | None:
+    def peek(self) -> tuple[normalize.SiteReading, float] | None:
         """The site from the cache as it is, never fetching: (site, fetched_at) or None."""
         resource = self.resource()
         entry = self._cache.peek(resource.key) if resource is not None else None
@@ -163,7 +164,7 @@ class SiteReader:
         self._triggered[resource.key] = now
         self._cache.refresh(resource.key, ttl, lambda: self._proxy.fetch(resource))
 
-    def _parse(self, resource: Resource, entry: Entry) -> normalize.Site:
+    def _parse(self, resource: Resource, entry: Entry) -> normalize.SiteReading:
         # Entries are replaced, never changed: parse each one once, however often it is read.
         parsed = self._parsed
         if parsed is not None and parsed[0] is entry:
@@ -319,7 +320,7 @@ class Observability:
     routes: list[Route]
     observe: Callable[[Scope, RequestState, int, float], None]
     timings: Callable[[], dict[str, dict[str, float]]]
-    background: list[Callable[[], Awaitable[None]]]  # live data and history (gateway.live)
+    background: list[Callable[[], Coroutine[Any, Any, None]]]  # live data and history (gateway.live)
 
 
 def build(
@@ -330,12 +331,13 @@ def build(
     proxy: Proxy,
     limiter: Any,
     transport: metrics.TimedTransport,
-    routes: RouteTable,
+    table: RouteTable,
     collectors: Iterable[object] = (),
+    shared: Shared | None = None,
 ) -> Observability:
     reader = SiteReader(settings, cache=cache, proxy=proxy, upstream=upstream)
-    feed = live.build(settings, upstream=upstream, peek=reader.peek, refresh=reader.refresh_if_stale)
-    requests = metrics.RequestMetrics(routes)
+    feed = live.build(settings, upstream=upstream, peek=reader.peek, refresh=reader.refresh_if_stale, shared=shared)
+    requests = metrics.RequestMetrics(table)
     registry = metrics.build_registry(
         [
             metrics.GatewayCollector(

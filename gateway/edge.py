@@ -8,7 +8,7 @@ edge only counts connections, bytes and time, and refuses:
 - **caps**: over ``server.max_connections`` in total or
   ``server.max_connections_per_ip`` from one address, a new connection is
   closed at once, before any TLS handshake;
-- **TLS handshake**: done here with ``loop.start_tls`` so it has its own
+- **TLS handshake**: done here (``gateway.tlsconn``) so it has its own
   deadline, ``server.tls_handshake_timeout`` (asyncio's default is 60 s);
 - **idle**: a connection with no request in flight that sends nothing for
   ``server.keepalive_timeout`` is closed;
@@ -65,6 +65,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from gateway.errors import PROBLEM_TYPE, problem_body
+from gateway.tlsconn import TLSTransport
 
 log = logging.getLogger("gateway.edge")
 
@@ -166,71 +167,60 @@ class Edge(asyncio.Protocol):
         self.head_bytes = 0  # bytes since the last request reached the app (or the start)
         self.line_ended = False  # whether those bytes end a request line: 431 past the cap, else 414
         self.lingering = False
-        self.early: bytearray | None = None  # decrypted bytes a loop delivered before start_tls returned
+        self.tls: TLSTransport | None = None  # the decrypted side, on a TLS listener
         self.timer: asyncio.TimerHandle | None = None
         self.stall: asyncio.TimerHandle | None = None
 
     # -- asyncio protocol callbacks
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        if self.transport is not None:  # start_tls hands over the TLS transport itself (below)
-            return
         self.transport = transport
         peer = transport.get_extra_info("peername")
         self.ip = str(peer[0]) if peer else ""
         refused = self.connections.admit(self.ip)
         if refused is not None:
             self.connections.note_refused(refused, self.ip)
-            transport.abort()
+            cast(asyncio.WriteTransport, transport).abort()
             return
         self.counted = True
         local = transport.get_extra_info("sockname")
-        tls = self.tls_ports.get(local[1]) if isinstance(local, tuple) else None
-        if tls is None:
+        context = self.tls_ports.get(local[1]) if isinstance(local, tuple) else None
+        if context is None:
             self._open(transport)
-        else:
-            # Nothing may reach uvicorn's protocol before the handshake: start_tls reads from here on.
-            cast(asyncio.ReadTransport, transport).pause_reading()
-            self.loop.create_task(self._handshake(transport, tls))
-
-    async def _handshake(self, raw: asyncio.BaseTransport, context: ssl.SSLContext) -> None:
-        try:
-            secured = await self.loop.start_tls(
-                cast(asyncio.WriteTransport, raw), self, context, server_side=True, ssl_handshake_timeout=self.connections.limits.tls_handshake_timeout
-            )
-        except (OSError, ssl.SSLError, TimeoutError, ConnectionError, asyncio.CancelledError) as exc:
-            log.debug("TLS handshake with %s failed: %s", self.ip, type(exc).__name__)
-            raw.abort()
-            self._release()
             return
-        if secured is None or secured.is_closing():
-            raw.abort()
-            self._release()
-            return
-        self.transport = secured
-        self._open(secured)
+        self.tls = TLSTransport(cast(asyncio.Transport, transport), context)
+        self._arm(self.connections.limits.tls_handshake_timeout, self._handshake_too_slow)
 
     def _open(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport
         self.addresses = (_address(transport.get_extra_info("sockname")), _address(transport.get_extra_info("peername")))
         self.connections.by_addresses[self.addresses] = self
         self.opened = True
         self.inner.connection_made(transport)
         self._arm(self.connections.limits.keepalive_timeout, self._idle_passed)
-        if self.early:
-            early, self.early = bytes(self.early), None
-            self.data_received(early)
 
     def data_received(self, data: bytes) -> None:
-        if not self.opened:
-            # An event loop may hand over the first decrypted bytes before start_tls has returned.
-            self.early = self.early or bytearray()
-            self.early += data
-            if len(self.early) > self.connections.limits.head_bytes:
-                self._abort()
-            return
         if self.lingering:
             self._arm(LINGER_QUIET, self._close)  # dropped: the connection was refused
             return
+        if self.tls is not None:
+            try:
+                data = self.tls.feed(data)
+            except (ssl.SSLError, ValueError) as exc:
+                log.debug("TLS with %s failed: %s", self.ip, exc)
+                self._abort()
+                return
+            if not self.opened:
+                if not self.tls.handshaken:
+                    return
+                self._open(self.tls)
+            if not data:
+                return
+        if not self.opened:
+            return
+        self._plain_received(data)
+
+    def _plain_received(self, data: bytes) -> None:
         limits = self.connections.limits
         if self.head_bytes > limits.head_bytes:
             # What arrived so far held no complete head (a request reaching the app resets the
@@ -247,10 +237,10 @@ class Edge(asyncio.Protocol):
             self._arm(limits.keepalive_timeout, self._head_too_slow)  # a new head begins
         self.head_bytes += len(data)
         self.line_ended = self.line_ended or b"\n" in data
-        self.inner.data_received(data)  # type: ignore[attr-defined]
+        self.inner.data_received(data)
 
     def eof_received(self) -> bool | None:
-        if self.lingering:
+        if self.lingering or not self.opened:
             self._close()
             return None
         return self.inner.eof_received()
@@ -269,13 +259,15 @@ class Edge(asyncio.Protocol):
         # The client is not reading what we send: give it keepalive_timeout to start again.
         if self.stall is None:
             self.stall = self.loop.call_later(self.connections.limits.keepalive_timeout, self._stalled)
-        self.inner.pause_writing()
+        if self.opened:
+            self.inner.pause_writing()
 
     def resume_writing(self) -> None:
         if self.stall is not None:
             self.stall.cancel()
             self.stall = None
-        self.inner.resume_writing()
+        if self.opened:
+            self.inner.resume_writing()
 
     # -- told by EdgeMiddleware
 
@@ -302,6 +294,12 @@ class Edge(asyncio.Protocol):
         if self.timer is not None:
             self.timer.cancel()
         self.timer = self.loop.call_later(delay, callback)
+
+    def _handshake_too_slow(self) -> None:
+        self.timer = None
+        if not self.opened:
+            log.debug("TLS handshake with %s not done within %g s", self.ip, self.connections.limits.tls_handshake_timeout)
+            self._abort()
 
     def _idle_passed(self) -> None:
         self.timer = None

@@ -36,7 +36,7 @@ import json
 import logging
 import secrets
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Callable, Coroutine, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -48,7 +48,7 @@ from starlette.types import Receive, Scope, Send
 
 from gateway.errors import PROBLEM_TYPE, GatewayError, problem_body
 from gateway.history import History, HistoryError, parse_bounds
-from gateway.normalize import Site, iso, kw, num
+from gateway.normalize import SiteReading, iso, kw, num
 from gateway.scopes import request_state
 from gateway.settings import LiveSettings, Settings
 from gateway.shared import Shared
@@ -104,7 +104,7 @@ def from_frame(params: dict[str, Any], now: float) -> dict[str, Any]:
     }
 
 
-def from_site(site: Site, fetched_at: float) -> dict[str, Any]:
+def from_site(site: SiteReading, fetched_at: float) -> dict[str, Any]:
     t = site.totals
     return {
         "time": iso(site.measured_at if site.measured_at is not None else fetched_at),
@@ -303,7 +303,7 @@ class Feed:
         hub: Hub,
         history: History,
         upstream: Any,
-        peek: Callable[[], tuple[Site, float] | None],
+        peek: Callable[[], tuple[SiteReading, float] | None],
         refresh: Callable[[], None],
         shared: Shared | None = None,
     ) -> None:
@@ -354,7 +354,7 @@ class Feed:
         self._hub.publish(event)
         self._remember(event)
 
-    def polled(self, site: Site, fetched_at: float) -> None:
+    def polled(self, site: SiteReading, fetched_at: float) -> None:
         event = from_site(site, fetched_at)
         if not self.streaming():
             self._hub.publish(event)
@@ -588,7 +588,7 @@ class LiveCollector:
 @dataclass(frozen=True)
 class Live:
     routes: list[Route]
-    background: list[Callable[[], Awaitable[None]]]
+    background: list[Callable[[], Coroutine[Any, Any, None]]]
     collector: LiveCollector
     feed: Feed
     hub: Hub
@@ -598,12 +598,13 @@ def build(
     settings: Settings,
     *,
     upstream: Any,
-    peek: Callable[[], tuple[Site, float] | None],
+    peek: Callable[[], tuple[SiteReading, float] | None],
     refresh: Callable[[], None],
+    shared: Shared | None = None,
 ) -> Live:
     """Routes, the background task and the metrics of live data and history (no I/O until run)."""
     h = settings.history
-    shared = Shared(settings.cluster.redis_url.get()) if settings.cluster.redis_url.get() else None
+    shared = shared if shared is not None and shared.configured else None
     history = History(
         settings.path(h.path) if h.path else None,
         interval=h.interval,

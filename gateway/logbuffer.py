@@ -83,7 +83,7 @@ class LineBuffer:
                 self._stamp = time.strftime("%Y-%m-%d %H:%M:%S,", time.localtime(second))
             try:
                 message = format(*args)
-            except Exception as exc:  # noqa: BLE001 - a bug in one line's formatting must not lose the batch
+            except Exception as exc:
                 message = f"(access line not formatted: {exc!r})"
             out += (self._stamp, _MILLIS[int((now - second) * 1000)], tag, message, "\n")
         try:

@@ -37,7 +37,7 @@ from starlette.types import Scope
 
 from gateway import __version__
 from gateway.allowlist import COMMANDS, PATHS
-from gateway.normalize import Site
+from gateway.normalize import SiteReading
 from gateway.routetable import RouteTable
 from gateway.scopes import RequestState, strip_root
 from gateway.settings import Settings
@@ -329,7 +329,7 @@ class GatewayCollector:
 class SolarCollector:
     """The site's data, from whatever the cache holds; absent until something was fetched."""
 
-    def __init__(self, peek: Callable[[], tuple[Site, float] | None]) -> None:
+    def __init__(self, peek: Callable[[], tuple[SiteReading, float] | None]) -> None:
         self._peek = peek
 
     def collect(self) -> Iterator[Metric]:
@@ -342,8 +342,8 @@ class SolarCollector:
         yield GaugeMetricFamily(
             f"{PREFIX}solar_data_fetched_timestamp_seconds", "When the gateway fetched the site data (Unix time)", value=fetched_at
         )
-        yield from _gauge("production_power_watts", "Site production", _w(t.production_kw))
-        yield from _gauge("consumption_power_watts", "Site consumption (household load)", _w(t.consumption_kw))
+        yield from _gauge("production_power_watts", "SiteReading production", _w(t.production_kw))
+        yield from _gauge("consumption_power_watts", "SiteReading consumption (household load)", _w(t.consumption_kw))
         yield from _gauge("net_power_watts", "Grid power: positive importing, negative exporting", _w(t.net_kw))
         for name, doc, value in (
             ("production_energy_joules", "Lifetime production", t.lifetime_production_kwh),
@@ -375,7 +375,7 @@ class SolarCollector:
         yield from _gauge("pvs_flash_available_bytes", "PVS free flash (legacy firmware)", _kib(pvs.flash_available_kib))
         yield from _gauge("pvs_flash_usage_ratio", "PVS flash usage (LocalAPI firmware)", _ratio(pvs.flash_usage_percent))
 
-    def _meters(self, site: Site) -> Iterator[Metric]:
+    def _meters(self, site: SiteReading) -> Iterator[Metric]:
         labels = ["meter", "serial"]
         power = GaugeMetricFamily(f"{PREFIX}meter_power_watts", "Real power through each meter", labels=labels)
         energy = GaugeMetricFamily(
@@ -391,7 +391,7 @@ class SolarCollector:
         yield power
         yield energy
 
-    def _inverters(self, site: Site) -> Iterator[Metric]:
+    def _inverters(self, site: SiteReading) -> Iterator[Metric]:
         power = GaugeMetricFamily(f"{PREFIX}inverter_power_watts", "Each inverter's AC output", labels=["serial"])
         temperature = GaugeMetricFamily(f"{PREFIX}inverter_temperature_celsius", "Heat-sink temperature", labels=["serial"])
         working = GaugeMetricFamily(f"{PREFIX}inverter_working", "1 while the inverter produces (0 at night or failed)", labels=["serial"])

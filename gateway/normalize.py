@@ -3,11 +3,11 @@
 Legacy firmware describes everything in one DeviceList (strings, legacy field
 names, ``DATATIME`` stamps); LocalAPI firmware answers ``/vars`` with
 ``/sys/livedata/*`` site totals, ``/sys/devices/<kind>/<i>/<field>``
-camelCase device fields and ``/sys/info/*``. Both become a ``Site``: numbers
+camelCase device fields and ``/sys/info/*``. Both become a ``SiteReading``: numbers
 as numbers, units in the names, times as Unix seconds (rendered ISO 8601 UTC).
 
 Decisions that make the two agree:
-- Site totals on legacy come from the meters. A consumption meter on the load
+- SiteReading totals on legacy come from the meters. A consumption meter on the load
   side (``NET_CONSUMPTION_LOADSIDE``, the usual install) measures the grid:
   consumption = production + net. A line-side one measures the house:
   net = consumption - production. LocalAPI's livedata already holds the
@@ -101,7 +101,7 @@ class Totals:
 
 
 @dataclass(frozen=True, slots=True)
-class Site:
+class SiteReading:
     firmware: str
     totals: Totals
     measured_at: float | None
@@ -116,8 +116,8 @@ class Site:
 # ---------------------------------------------------------------- legacy
 
 
-def from_device_list(body: dict[str, Any]) -> Site:
-    """A legacy ``DeviceList`` answer -> Site."""
+def from_device_list(body: dict[str, Any]) -> SiteReading:
+    """A legacy ``DeviceList`` answer -> SiteReading."""
     devices = [d for d in body.get("devices", ()) if isinstance(d, dict)]
     pvs = PVS()
     pvs_time = None
@@ -177,14 +177,14 @@ def from_device_list(body: dict[str, Any]) -> Site:
     totals = totals_from_meters(meters, inverters)
     production = next((m for m in meters if m.role == "production"), None)
     measured = production.measured_at if production is not None else pvs_time
-    return Site("legacy", totals, measured, pvs, tuple(meters), tuple(inverters))
+    return SiteReading("legacy", totals, measured, pvs, tuple(meters), tuple(inverters))
 
 
 # ---------------------------------------------------------------- LocalAPI
 
 
-def from_vars(values: dict[str, Any]) -> Site:
-    """``/vars`` answers (obj form, merged) -> Site."""
+def from_vars(values: dict[str, Any]) -> SiteReading:
+    """``/vars`` answers (obj form, merged) -> SiteReading."""
     groups: dict[tuple[str, int], dict[str, Any]] = {}
     for name, value in values.items():
         match = _DEVICE_VAR.fullmatch(name)
@@ -260,7 +260,7 @@ def from_vars(values: dict[str, Any]) -> Site:
     if measured is None:
         production = next((m for m in meters if m.role == "production"), None)
         measured = production.measured_at if production is not None else None
-    return Site("localapi", totals, measured, pvs, tuple(meters), tuple(inverters))
+    return SiteReading("localapi", totals, measured, pvs, tuple(meters), tuple(inverters))
 
 
 def _livedata(values: dict[str, Any]) -> Totals:
@@ -400,7 +400,7 @@ def inverter_json(i: Inverter) -> dict[str, Any]:
     return out
 
 
-def summary_json(site: Site) -> dict[str, Any]:
+def summary_json(site: SiteReading) -> dict[str, Any]:
     """The site at a glance: totals, the PVS, and each inverter's output (for bars)."""
     working = sum(1 for i in site.inverters if i.state == "working")
     return {
@@ -417,7 +417,7 @@ def summary_json(site: Site) -> dict[str, Any]:
     }
 
 
-def devices_json(site: Site) -> dict[str, Any]:
+def devices_json(site: SiteReading) -> dict[str, Any]:
     return {
         "firmware": site.firmware,
         "measured_at": iso(site.measured_at),

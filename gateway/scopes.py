@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import cast
 
 from starlette.types import Scope
 
@@ -55,4 +56,4 @@ def request_state(scope: Scope) -> RequestState:
     found = state.get("gateway")
     if found is None:
         found = state["gateway"] = RequestState()
-    return found  # type: ignore[no-any-return]
+    return cast(RequestState, found)

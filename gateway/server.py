@@ -10,7 +10,7 @@ import signal
 import socket
 import ssl
 from collections.abc import Callable, Coroutine
-from typing import Any, TextIO
+from typing import Any, TextIO, cast
 
 import uvicorn
 
@@ -108,8 +108,9 @@ async def serve(
         )
     limits = parts.connections.limits
     config = uvicorn.Config(
-        app,  # type: ignore[arg-type]
-        http=protocol_factory(parts.connections, tls_ports),
+        app,
+        # A protocol factory where uvicorn's annotation says a class: Config.load() takes any callable.
+        http=cast(Any, protocol_factory(parts.connections, tls_ports)),
         ws="none",
         lifespan="on",
         # Forwarded headers are handled by our own middleware, from configured proxies only;

@@ -381,7 +381,7 @@ def _build(cls: type, data: Mapping[str, Any], prefix: str, problems: list[str])
             problems.append(f"{key}: unknown setting{hint}")
             continue
         hint = hints[raw_key]
-        if dataclasses.is_dataclass(hint):
+        if isinstance(hint, type) and dataclasses.is_dataclass(hint):
             if not isinstance(value, dict):
                 problems.append(f"{key}: must be a table")
                 continue
@@ -391,9 +391,10 @@ def _build(cls: type, data: Mapping[str, Any], prefix: str, problems: list[str])
         coerced = _coerce(value, hint, key, problems)
         if len(problems) > before:
             continue
-        if isinstance(coerced, dict) and fields[raw_key].default_factory is not dataclasses.MISSING:
+        factory = fields[raw_key].default_factory
+        if isinstance(coerced, dict) and callable(factory):
             # A table such as [cache.ttl] adds to the defaults rather than replacing them.
-            coerced = {**fields[raw_key].default_factory(), **coerced}
+            coerced = {**factory(), **coerced}
         check = fields[raw_key].metadata.get("check")
         if check is not None:
             problem = check(coerced)

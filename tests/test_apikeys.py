@@ -181,6 +181,6 @@ def test_access_log_names_the_key_never_the_secret(simulator: Simulator, make_ga
         c.get(SUPERVISOR)
     logs = gw.wait_for_log('"name":"viewer"')
     lines = [json.loads(line.split("gateway.access: ", 1)[1]) for line in logs.splitlines() if "gateway.access: " in line]
-    assert any(l["identity"].startswith("key:") and l["name"] == "viewer" for l in lines)
+    assert any(line["identity"].startswith("key:") and line["name"] == "viewer" for line in lines)
     for secret in gw.keys.values():
         assert secret not in gw.logs()

@@ -143,8 +143,9 @@ def test_a_slow_pvs_with_timeouts_never_sees_two_requests(redis: RedisServer, fr
     for n in (1, 2, 3):
         assert seen[n]["max_in_flight"] == 1, seen
         assert 500 not in seen[n]["statuses"] and 0 not in seen[n]["statuses"], seen
-        # At most one request per ~2.5 s reaches the PVS, however many gateways ask.
-        assert seen[n]["pvs_requests"] <= seconds / 2.0 + 3, seen
+        # One request at a time, each taking 2 s, however many gateways ask; plus one start-up read
+        # per gateway and the request in flight when the run ends.
+        assert seen[n]["pvs_requests"] <= seconds / 2.0 + n + 2, seen
 
 
 def test_a_timed_out_request_keeps_its_slot_on_a_single_gateway_without_redis(fresh_simulator: Simulator, make_gateway) -> None:

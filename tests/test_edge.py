@@ -61,7 +61,7 @@ def _read_answers(sock: socket.socket, quiet: float = 1.5) -> list[int]:
     try:
         while chunk := sock.recv(65536):
             data += chunk
-    except (TimeoutError, socket.timeout, ConnectionResetError, ssl.SSLError):
+    except (TimeoutError, ConnectionResetError, ssl.SSLError):
         pass
     return [int(m) for m in re.findall(rb"HTTP/1\.1 (\d{3}) ", data)]
 

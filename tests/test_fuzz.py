@@ -486,7 +486,7 @@ class SocketFuzz:
             return
         status = int(match.group(1))
         self.statuses[status] = self.statuses.get(status, 0) + 1
-        head, _, body = answer.partition(b"\r\n\r\n")
+        head, _, _body = answer.partition(b"\r\n\r\n")
         assert status != 500, (r, answer[:600])
         if status >= 500:
             assert b"\r\nproxy-status: pvs-gateway; error=" in head.lower(), (r, answer[:600])

@@ -15,7 +15,7 @@ LAYERS: list[set[str]] = [
     {"gateway", "gateway.errors", "gateway.settings", "gateway.files", "gateway.scopes", "gateway.auth"},
     {
         "gateway.allowlist", "gateway.budget", "gateway.health", "gateway.tls", "gateway.pinning",
-        "gateway.responses", "gateway.auth.keys", "gateway.auth.sessions", "gateway.edge", "gateway.logbuffer", "gateway.routetable",
+        "gateway.responses", "gateway.auth.keys", "gateway.auth.sessions", "gateway.edge", "gateway.tlsconn", "gateway.logbuffer", "gateway.routetable",
         "gateway.shared",
     },
     {"gateway.pvsbody", "gateway.upstream", "gateway.ratelimit", "gateway.auth.oidc"},
@@ -24,7 +24,7 @@ LAYERS: list[set[str]] = [
     {"gateway.proxy", "gateway.auth.oidc_login", "gateway.auth.middleware", "gateway.auth.frontproxy"},
     {
         "gateway.live",
-        "gateway.local", "gateway.poller", "gateway.routes", "gateway.normalize", "gateway.metrics", "gateway.dashboard",
+        "gateway.local", "gateway.poller", "gateway.site", "gateway.routes", "gateway.normalize", "gateway.metrics", "gateway.dashboard",
     },
     {"gateway.app"},
     {"gateway.server", "gateway.demo"},

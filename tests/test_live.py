@@ -512,7 +512,7 @@ def test_upstream_socket_backs_off_while_nothing_listens() -> None:
 
 def test_event_fields_from_frames_and_polled_sites() -> None:
     from gateway.live import from_frame, from_site
-    from gateway.normalize import PVS, Site, Totals
+    from gateway.normalize import PVS, SiteReading, Totals
 
     frame = from_frame({"time": 1753730396, "pv_p": "6.559001", "net_p": -4.3857, "site_load_p": "nan", "ess_p": "-1.25", "soc": "0.82"}, 0)
     assert frame["time"] == "2025-07-28T19:19:56Z"
@@ -521,7 +521,7 @@ def test_event_fields_from_frames_and_polled_sites() -> None:
     assert frame["battery_kw"] == -1.25 and frame["soc_percent"] == 82.0
     assert from_frame({"soc": 55}, 0)["soc_percent"] == 55.0  # already a percentage
     assert from_frame({}, 1_780_000_000)["time"] == "2026-05-28T20:26:40Z" and from_frame({}, 0)["production_kw"] is None
-    site = Site("legacy", Totals(production_kw=2.0, consumption_kw=3.0, net_kw=1.0, lifetime_import_kwh=5.0), 1_780_000_000.0, PVS())
+    site = SiteReading("legacy", Totals(production_kw=2.0, consumption_kw=3.0, net_kw=1.0, lifetime_import_kwh=5.0), 1_780_000_000.0, PVS())
     polled = from_site(site, 0)
     assert polled["source"] == "polled" and polled["net_kw"] == 1.0 and polled["lifetime_import_kwh"] == 5.0
     assert set(polled) >= FIELDS

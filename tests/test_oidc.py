@@ -366,7 +366,7 @@ async def test_allow_lists(idp: TestProvider) -> None:
     carol_unverified = idp.mint(sub="carol", email="carol@example.test", email_verified=False, groups=["family"])
     async with make_verifier(idp.oidc_settings(allowed_emails=("Alice@Example.test",))) as (verifier, _):
         assert (await verifier.verify_bearer(tokens["alice"])).role == "viewer"
-        with pytest.raises(Forbidden, match="bob@example.test"):
+        with pytest.raises(Forbidden, match=r"bob@example\.test"):
             await verifier.verify_bearer(tokens["bob"])
     async with make_verifier(idp.oidc_settings(allowed_emails=("carol@example.test",))) as (verifier, _):
         with pytest.raises(Forbidden):  # an unverified address counts for nothing
@@ -470,7 +470,7 @@ async def test_slow_idp_is_cut_off_at_the_timeout() -> None:
 async def test_discovery_issuer_must_match_exactly(idp: TestProvider) -> None:
     async with make_verifier(idp.oidc_settings(issuer=idp.issuer + "/")) as (verifier, _):
         token = idp.mint(iss=idp.issuer + "/")
-        with pytest.raises(ProviderUnavailable, match="set auth.oidc.issuer"):
+        with pytest.raises(ProviderUnavailable, match=r"set auth\.oidc\.issuer"):
             await verifier.verify_bearer(token)
 
 

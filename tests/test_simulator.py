@@ -12,11 +12,11 @@ import ast
 import asyncio
 import base64
 import concurrent.futures
+import datetime as dt
 import itertools
 import json
 import logging
 import os
-import datetime as dt
 import re
 import signal
 import socket

@@ -53,7 +53,7 @@ def pem_sha256(path: Path) -> str:
 
 
 def now() -> dt.datetime:
-    return dt.datetime.now(dt.timezone.utc)
+    return dt.datetime.now(dt.UTC)
 
 
 @pytest.fixture

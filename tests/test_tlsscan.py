@@ -26,8 +26,8 @@ sslyze = pytest.importorskip("sslyze")
 def test_gateway_tls_is_compliant_with_mozilla_intermediate(tmp_path: Path) -> None:
     from sslyze import (
         CertificateInfoExtraArgument,
-        Scanner,
         ScanCommandsExtraArguments,
+        Scanner,
         ServerNetworkLocation,
         ServerScanRequest,
         ServerScanStatusEnum,

@@ -330,7 +330,7 @@ class _Login:
             return _error_response(exc)
         except OIDCError as exc:
             return _error_response(exc)
-        except Exception as exc:  # noqa: BLE001 -- authlib/httpx/joserfc failures during the exchange
+        except Exception as exc:
             log.warning("OIDC callback failed: %s: %s", type(exc).__name__, exc)
             if _is_network_error(exc):
                 return _error_response(ProviderUnavailable(f"the identity provider could not be reached: {type(exc).__name__}"))
