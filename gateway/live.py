@@ -47,7 +47,7 @@ from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
 from gateway.errors import PROBLEM_TYPE, GatewayError, problem_body
-from gateway.history import History, HistoryError, parse_bounds
+from gateway.history import FIELDS, History, HistoryError, parse_bounds
 from gateway.normalize import SiteReading, iso, kw, num
 from gateway.scopes import request_state
 from gateway.settings import LiveSettings, Settings
@@ -65,17 +65,7 @@ RETRY_MS = 5000  # EventSource reconnect delay
 LEASE_KEY = "pvsgw:telemetry:holder"
 CHANNEL = "pvsgw:live"
 LEASE_SECONDS = 15.0
-EVENT_FIELDS = (
-    "production_kw",
-    "consumption_kw",
-    "net_kw",
-    "battery_kw",
-    "soc_percent",
-    "lifetime_production_kwh",
-    "lifetime_consumption_kwh",
-    "lifetime_import_kwh",
-    "lifetime_export_kwh",
-)
+EVENT_FIELDS = FIELDS  # an event carries what a history sample records
 
 
 # ---------------------------------------------------------------- what an event says

@@ -15,7 +15,6 @@ from __future__ import annotations
 import base64
 import binascii
 import hmac
-import ipaddress
 import logging
 from collections.abc import Awaitable, Callable, Sequence
 
@@ -27,6 +26,7 @@ from gateway.auth.keys import KeyStore
 from gateway.auth.sessions import SessionStore
 from gateway.cache import Lookup, ResponseCache
 from gateway.errors import GatewayError
+from gateway.middleware.forwarded import in_networks, parse_networks
 from gateway.poller import start_supervisor
 from gateway.proxy import LocalHandler
 from gateway.pvsbody import dumps
@@ -75,7 +75,7 @@ class PVSLogin:
 
     def __init__(self, upstream: UpstreamSettings, anonymous_from: Sequence[str], serial: Callable[[], str] = lambda: "") -> None:
         self._upstream = upstream
-        self._networks = tuple(ipaddress.ip_network(cidr, strict=False) for cidr in anonymous_from)
+        self._networks = parse_networks(anonymous_from)
         self._learned_serial = serial
 
     def password(self) -> str:
@@ -88,15 +88,7 @@ class PVSLogin:
 
     def from_lan(self, ip: str) -> bool:
         """True if ``ip`` is in ``auth.allow_anonymous_from``."""
-        if not self._networks:
-            return False
-        try:
-            address = ipaddress.ip_address(ip)
-        except ValueError:
-            return False
-        if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-            address = address.ipv4_mapped
-        return any(address in net for net in self._networks)
+        return in_networks(ip, self._networks)
 
     def allowed(self, scope: Scope, user: str, password: str) -> bool:
         """True when ``user:password`` (Basic) on this ``/auth?login`` request is the PVS login from the LAN.

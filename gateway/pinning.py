@@ -291,10 +291,85 @@ def ca_context(ca_file: str | Path) -> ssl.SSLContext:
     return ctx
 
 
-class PinningTransport(httpx.AsyncHTTPTransport):
-    """httpx's transport, plus ``reload_pin`` for SIGHUP (a no-op unless in "pin" mode)."""
+# httpcore's errors as httpx's (the classes upstream.map_transport_error reads), most specific first.
+_ERRORS: tuple[tuple[type[Exception], type[httpx.TransportError]], ...] = (
+    (httpcore.ConnectTimeout, httpx.ConnectTimeout),
+    (httpcore.ReadTimeout, httpx.ReadTimeout),
+    (httpcore.WriteTimeout, httpx.WriteTimeout),
+    (httpcore.PoolTimeout, httpx.PoolTimeout),
+    (httpcore.ConnectError, httpx.ConnectError),
+    (httpcore.ReadError, httpx.ReadError),
+    (httpcore.WriteError, httpx.WriteError),
+    (httpcore.RemoteProtocolError, httpx.RemoteProtocolError),
+    (httpcore.LocalProtocolError, httpx.LocalProtocolError),
+    (httpcore.UnsupportedProtocol, httpx.UnsupportedProtocol),
+    (httpcore.TimeoutException, httpx.TimeoutException),
+    (httpcore.NetworkError, httpx.NetworkError),
+    (httpcore.ProtocolError, httpx.ProtocolError),
+)
 
-    pinner: _Pinner | None = None
+
+def _as_httpx(exc: Exception, request: httpx.Request) -> Exception:
+    for core, mapped in _ERRORS:
+        if isinstance(exc, core):
+            error = mapped(str(exc), request=request)
+            error.__cause__ = exc
+            return error
+    return exc
+
+
+class _Body(httpx.AsyncByteStream):
+    def __init__(self, stream: Any, request: httpx.Request) -> None:
+        self._stream = stream
+        self._request = request
+
+    async def __aiter__(self) -> Any:
+        try:
+            async for chunk in self._stream:
+                yield chunk
+        except Exception as exc:
+            raise _as_httpx(exc, self._request) from exc
+
+    async def aclose(self) -> None:
+        await self._stream.aclose()
+
+
+class PinningTransport(httpx.AsyncBaseTransport):
+    """An httpx transport over an httpcore connection pool whose network backend checks the
+    PVS's certificate (``_CheckedBackend``), plus ``reload_pin`` for SIGHUP.
+
+    httpx's own ``AsyncHTTPTransport`` has no public way to take a network backend, so this
+    is the same bridge built on httpcore's public API: requests and answers converted, and
+    httpcore's errors raised as httpx's.
+    """
+
+    def __init__(self, pool: httpcore.AsyncConnectionPool, pinner: _Pinner | None) -> None:
+        self.pool = pool
+        self.pinner = pinner
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        core = httpcore.Request(
+            method=request.method.encode("ascii"),
+            url=httpcore.URL(
+                scheme=request.url.raw_scheme, host=request.url.raw_host, port=request.url.port, target=request.url.raw_path
+            ),
+            headers=request.headers.raw,
+            content=request.stream,
+            extensions=request.extensions,
+        )
+        try:
+            answer = await self.pool.handle_async_request(core)
+        except Exception as exc:
+            raise _as_httpx(exc, request) from exc
+        return httpx.Response(
+            status_code=answer.status,
+            headers=answer.headers,
+            stream=_Body(answer.stream, request),
+            extensions=answer.extensions,
+        )
+
+    async def aclose(self) -> None:
+        await self.pool.aclose()
 
     def reload_pin(self) -> None:
         """Re-read the pin file now. Synchronous, never raises: a problem is one log line
@@ -333,14 +408,7 @@ def make_transport(
             "upstream.verify_tls = \"off\": the PVS certificate is not checked; anyone on the path can read the PVS password"
         )
 
-    transport = PinningTransport(verify=ssl_context, limits=limits, trust_env=False)
-    transport.pinner = pinner
-    # httpx 0.28 has no public way to pass an httpcore network backend, so the pool it
-    # built is replaced by an identical one that has ours. tests/test_pinning.py guards
-    # this private attribute; pyproject pins httpx < 0.29 for it.
-    if not isinstance(getattr(transport, "_pool", None), httpcore.AsyncConnectionPool):
-        raise RuntimeError("httpx.AsyncHTTPTransport layout changed: cannot install the PVS certificate check")
-    transport._pool = httpcore.AsyncConnectionPool(
+    pool = httpcore.AsyncConnectionPool(
         ssl_context=ssl_context,
         max_connections=limits.max_connections,
         max_keepalive_connections=limits.max_keepalive_connections,
@@ -349,6 +417,7 @@ def make_transport(
         http2=False,
         network_backend=_CheckedBackend(httpcore.AnyIOBackend(), check, connect_timeout),
     )
+    transport = PinningTransport(pool, pinner)
     return transport
 
 

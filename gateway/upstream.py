@@ -25,6 +25,7 @@ import base64
 import contextvars
 import json
 import logging
+import ssl
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -425,16 +426,29 @@ def map_transport_error(exc: httpx.HTTPError, url: str) -> UpstreamError:
     if isinstance(exc, httpx.ConnectTimeout):
         return UpstreamConnectTimeout(f"connecting to the PVS at {url} timed out", retry_after=10)
     if isinstance(exc, httpx.ConnectError):
-        text = str(exc)
-        if "CERTIFICATE" in text.upper() or "SSL" in text.upper():
-            return UpstreamTLSError(f"TLS with the PVS failed: {text}")
-        return UpstreamRefused(f"cannot connect to the PVS at {url}: {text or 'refused'}", retry_after=10)
+        if _caused_by(exc, ssl.SSLError):
+            return UpstreamTLSError(f"TLS with the PVS failed: {exc}")
+        return UpstreamRefused(f"cannot connect to the PVS at {url}: {exc or 'refused'}", retry_after=10)
     if isinstance(exc, httpx.TimeoutException):
         return UpstreamTimeout("the PVS did not answer in time", retry_after=10)
     if isinstance(exc, httpx.RemoteProtocolError):
+        # httpcore has no class of its own for a connection closed before any answer (a PVS
+        # going down for a reboot) as against a broken answer: only its message tells them apart.
         if "without sending" in str(exc) and "response" in str(exc):
             return UpstreamUnavailable("the PVS closed the connection without answering (rebooting?)", retry_after=10)
         return UpstreamBadResponse(f"the PVS sent an incomplete answer: {exc}")
     if isinstance(exc, httpx.NetworkError):
         return UpstreamUnavailable(f"the connection to the PVS failed: {exc}", retry_after=10)
     return UpstreamBadResponse(f"unexpected answer from the PVS: {exc}")
+
+
+def _caused_by(exc: BaseException, kind: type[BaseException]) -> bool:
+    """Whether ``kind`` is among the exceptions that led to ``exc`` (its cause and context chain)."""
+    seen: BaseException | None = exc
+    for _ in range(10):
+        if seen is None:
+            return False
+        if isinstance(seen, kind):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False

@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 
 from tests.harness import Gateway, Simulator, start_gateway, start_simulator
+from tests.redis_harness import RedisServer, redis_or_skip
 
 # DeviceList takes 10 s x scale: 0.05 -> 0.5 s, slow enough to coalesce, fast enough for CI.
 FAST = ("--latency-scale", "0.05", "--clock", "12:00", "--seed", "7")
@@ -54,3 +55,21 @@ def make_simulator(tmp_path: Path) -> Iterator[Callable[..., Simulator]]:
     yield make
     for sim in started:
         sim.stop()
+
+
+@pytest.fixture(scope="module")
+def redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    """A real redis-server on a free 127.0.0.1 port, no persistence, one per test module."""
+    redis_or_skip()
+    server = RedisServer(tmp_path_factory.mktemp("redis")).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def redis_url(tmp_path: Path) -> Iterator[str]:
+    """A fresh redis-server for one test (empty: no state shared with other tests)."""
+    redis_or_skip()
+    server = RedisServer(tmp_path / "redis").start()
+    yield server.url
+    server.stop()

@@ -7,7 +7,6 @@ Unit tests: real Redis where the budget is shared, an injected wall clock for le
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -15,15 +14,7 @@ import pytest
 from gateway.budget import LEASES_KEY, NEXT_START_KEY, UpstreamBudget
 from gateway.errors import Overloaded
 from gateway.shared import Shared
-from tests.redis_harness import RedisServer, redis_or_skip
-
-
-@pytest.fixture(scope="module")
-def redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
-    redis_or_skip()
-    server = RedisServer(tmp_path_factory.mktemp("redis")).start()
-    yield server
-    server.stop()
+from tests.redis_harness import RedisServer
 
 
 def budget(shared: Shared | None = None, **kw: object) -> UpstreamBudget:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -13,7 +12,7 @@ import pytest
 from gateway.health import HEALTH_KEY, UpstreamHealth
 from gateway.shared import Shared
 from tests.harness import Simulator
-from tests.redis_harness import RedisServer, redis_or_skip
+from tests.redis_harness import RedisServer
 
 
 def test_healthz_needs_no_credentials_and_readyz_probes_an_idle_pvs_once(fresh_simulator: Simulator, make_gateway) -> None:
@@ -45,12 +44,7 @@ def test_readyz_turns_503_when_the_pvs_is_gone_too_long(fresh_simulator: Simulat
 # ---------------------------------------------------------------- shared through Redis (unit, injected clocks)
 
 
-@pytest.fixture(scope="module")
-def redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
-    redis_or_skip()
-    server = RedisServer(tmp_path_factory.mktemp("redis")).start()
-    yield server
-    server.stop()
+
 
 
 class Clocks:

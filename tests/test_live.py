@@ -559,10 +559,3 @@ def test_gateways_sharing_redis_hold_one_socket_and_hand_it_over(make_simulator,
     _wait(lambda: sim.stats()["ws_connections"] == 2 and sim.stats()["ws_clients"] == 1, 20, "the other gateway took over")
     events = asyncio.run(listen(other, 4.0))
     assert sum(1 for e in events if e["source"] == "telemetry") >= 3
-
-
-@pytest.fixture
-def redis_url(tmp_path) -> Any:
-    from tests.test_history import redis_url as start_redis
-
-    yield from start_redis.__wrapped__(tmp_path)  # type: ignore[attr-defined]

@@ -306,15 +306,12 @@ def test_pin_mode_enforces_its_own_connect_timeout(tmp_path: Path) -> None:
 
 
 def test_transport_installs_the_checking_backend(tmp_path: Path) -> None:
-    """Guards the private seam (httpx 0.28 keeps its httpcore pool in ``_pool``)."""
+    """The transport is httpcore's public pool with the certificate-checking backend."""
     limits = httpx.Limits(max_connections=1, max_keepalive_connections=1, keepalive_expiry=7)
     url = "https://127.0.0.1:1"
     transport = pinning.make_transport(url, mode="pin", pin_file=tmp_path / "p", connect_timeout=1, limits=limits)
-    assert isinstance(transport, httpx.AsyncHTTPTransport)
-    pool = transport._pool
-    assert isinstance(pool, httpcore.AsyncConnectionPool)
-    assert isinstance(pool._network_backend, pinning._CheckedBackend)
-    assert (pool._max_connections, pool._max_keepalive_connections, pool._keepalive_expiry) == (1, 1, 7)
+    assert isinstance(transport, pinning.PinningTransport)
+    assert isinstance(transport.pool, httpcore.AsyncConnectionPool)
     with pytest.raises(ValueError):
         pinning.make_transport("https://127.0.0.1:1", mode="trust-me", pin_file=tmp_path / "p", connect_timeout=1)
 

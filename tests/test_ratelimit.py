@@ -4,14 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import re
-import shutil
 import socket
-import subprocess
 import time
-from collections.abc import Iterator
 
 import httpx
-import pytest
 
 from gateway.auth import Principal
 from gateway.ratelimit import RateLimiter, Verdict
@@ -80,31 +76,6 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
-
-
-@pytest.fixture
-def redis_url(tmp_path) -> Iterator[str]:
-    if shutil.which("redis-server") is None:
-        pytest.skip("redis-server is not installed (scripts/install-test-deps installs it)")
-    port = _free_port()
-    proc = subprocess.Popen(
-        ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", str(tmp_path)],
-        stdout=subprocess.DEVNULL,
-    )
-    deadline = time.monotonic() + 10
-    while True:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.2) as s:
-                s.sendall(b"PING\r\n")
-                if s.recv(16).startswith(b"+PONG"):
-                    break
-        except OSError:
-            pass
-        assert time.monotonic() < deadline, "redis-server did not start"
-        time.sleep(0.05)
-    yield f"redis://127.0.0.1:{port}"
-    proc.terminate()
-    proc.wait(timeout=5)
 
 
 def test_two_gateways_sharing_redis_enforce_one_limit(simulator: Simulator, make_gateway, redis_url: str) -> None:

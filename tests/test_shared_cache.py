@@ -7,9 +7,6 @@ injected clocks (a monotonic and a wall clock per "gateway").
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
-
-import pytest
 
 from gateway.cache import ResponseCache
 from gateway.errors import UpstreamError, UpstreamUnavailable
@@ -17,17 +14,12 @@ from gateway.settings import CacheSettings
 from gateway.shared import Shared
 from gateway.shared import key as shared_key
 from gateway.upstream import Fetched
-from tests.redis_harness import RedisServer, redis_or_skip
+from tests.redis_harness import RedisServer
 
 KEY = "/cgi-bin/dl_cgi?Command=DeviceList"
 
 
-@pytest.fixture(scope="module")
-def redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
-    redis_or_skip()
-    server = RedisServer(tmp_path_factory.mktemp("redis")).start()
-    yield server
-    server.stop()
+
 
 
 class Clock:
