@@ -1,6 +1,6 @@
 """Prometheus metrics: the gateway's own and the site's, one registry per app.
 
-Nothing here updates a prometheus_client metric on the hot path. Requests
+Nothing here updates a prometheus_client metric per request. Requests
 are counted into plain dicts by ``RequestMetrics.observe`` (called by the
 access-log middleware, which already times every request); everything else
 is read from the running parts when Prometheus scrapes, by custom

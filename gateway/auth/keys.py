@@ -579,7 +579,7 @@ class KeyStore:
     def _index(self) -> dict[str, tuple[KeyRecord, bytes]]:
         return self._current[0]
 
-    # -- the hot path
+    # -- per request
 
     def verify(self, presented: str, now: datetime | None = None) -> KeyRecord | None:
         """The record of a valid, active key, else None (malformed, unknown, wrong,
