@@ -65,6 +65,8 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from gateway.errors import PROBLEM_TYPE, problem_body
+from gateway.responses import DEFAULT_CSP, SECURITY_FIELDS
+from gateway.settings import ServerSettings
 from gateway.tlsconn import TLSTransport
 
 log = logging.getLogger("gateway.edge")
@@ -82,22 +84,32 @@ class EdgeLimits:
     max_connections_per_ip: int = 64
     tls_handshake_timeout: float = 10.0
 
+    @classmethod
+    def from_settings(cls, server: ServerSettings) -> EdgeLimits:
+        return cls(
+            keepalive_timeout=server.keepalive_timeout,
+            # The URL and header limits together, plus the request line's and each field's framing.
+            head_bytes=server.max_url_length + server.max_header_bytes + 4 * server.max_header_count + 64,
+            max_connections=server.max_connections,
+            max_connections_per_ip=server.max_connections_per_ip,
+            tls_handshake_timeout=server.tls_handshake_timeout,
+        )
+
 
 def canned(status: int, detail: str) -> bytes:
     """A whole HTTP/1.1 problem answer that closes the connection."""
     body = problem_body(status, detail)
-    phrase = HTTPStatus(status).phrase
-    head = (
-        f"HTTP/1.1 {status} {phrase}\r\n"
-        f"date: {formatdate(usegmt=True)}\r\n"
-        f"content-type: {PROBLEM_TYPE}\r\n"
-        f"content-length: {len(body)}\r\n"
-        "connection: close\r\n"
-        "x-content-type-options: nosniff\r\n"
-        "content-security-policy: default-src 'none'; frame-ancestors 'none'\r\n"
-        "cache-control: no-store\r\n\r\n"
-    )
-    return head.encode() + body
+    fields = [
+        (b"date", formatdate(usegmt=True).encode()),
+        (b"content-type", PROBLEM_TYPE.encode()),
+        (b"content-length", b"%d" % len(body)),
+        (b"connection", b"close"),
+        (b"cache-control", b"no-store"),
+        DEFAULT_CSP,
+        *SECURITY_FIELDS,  # the same fields GuardMiddleware adds to every answer of the app
+    ]
+    head = b"HTTP/1.1 %d %s\r\n" % (status, HTTPStatus(status).phrase.encode())
+    return head + b"".join(name + b": " + value + b"\r\n" for name, value in fields) + b"\r\n" + body
 
 
 class ProblemH11Protocol(H11Protocol):
@@ -170,6 +182,7 @@ class Edge(asyncio.Protocol):
         self.tls: TLSTransport | None = None  # the decrypted side, on a TLS listener
         self.timer: asyncio.TimerHandle | None = None
         self.stall: asyncio.TimerHandle | None = None
+        self.last_call: asyncio.TimerHandle | None = None  # a refused connection's latest close
 
     # -- asyncio protocol callbacks
 
@@ -330,7 +343,7 @@ class Edge(asyncio.Protocol):
                 transport.write_eof()
         self._arm(LINGER_QUIET, self._close)
         # Whatever the client keeps sending, the connection ends within keepalive_timeout.
-        self.loop.call_later(self.connections.limits.keepalive_timeout, self._close)
+        self.last_call = self.loop.call_later(self.connections.limits.keepalive_timeout, self._close)
 
     def _close(self) -> None:
         if self.transport is not None and not self.transport.is_closing():
@@ -341,10 +354,10 @@ class Edge(asyncio.Protocol):
             cast(asyncio.WriteTransport, self.transport).abort()
 
     def _cancel_timers(self) -> None:
-        for handle in (self.timer, self.stall):
+        for handle in (self.timer, self.stall, self.last_call):
             if handle is not None:
                 handle.cancel()
-        self.timer = self.stall = None
+        self.timer = self.stall = self.last_call = None
 
     def _release(self) -> None:
         if self.addresses is not None:
@@ -375,12 +388,12 @@ def protocol_factory(connections: Connections, tls_ports: dict[int, ssl.SSLConte
 class EdgeMiddleware:
     """The outermost layer: tells the connection's edge when its request reaches the app and when it is done."""
 
-    def __init__(self, app: ASGIApp, connections: Connections | None) -> None:
+    def __init__(self, app: ASGIApp, connections: Connections) -> None:
         self.app = app
         self.connections = connections
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        edge = self.connections.edge_for(scope) if self.connections is not None and scope["type"] == "http" else None
+        edge = self.connections.edge_for(scope) if scope["type"] == "http" else None
         if edge is None:
             await self.app(scope, receive, send)
             return

@@ -11,6 +11,16 @@ from gateway.errors import PROBLEM_TYPE, GatewayError, UpstreamError, problem_bo
 JSON = b"application/json"
 Header = tuple[bytes, bytes]
 
+# The security fields of every answer. Gateway answers are JSON for programs; the dashboard
+# sets its own, looser CSP.
+SECURITY_FIELDS: tuple[Header, ...] = (
+    (b"x-content-type-options", b"nosniff"),
+    (b"referrer-policy", b"no-referrer"),
+    (b"x-frame-options", b"DENY"),
+    (b"cross-origin-resource-policy", b"same-origin"),
+)
+DEFAULT_CSP: Header = (b"content-security-policy", b"default-src 'none'; frame-ancestors 'none'")
+
 
 async def send_bytes(
     send: Send,

@@ -11,21 +11,13 @@ from email.utils import formatdate
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from gateway.errors import RequestRejected
-from gateway.responses import send_problem
+from gateway.responses import DEFAULT_CSP, SECURITY_FIELDS, send_problem
 from gateway.scopes import request_state
 from gateway.settings import ServerSettings
 
 ALLOWED_METHODS = frozenset({"GET", "HEAD"})
 
-# Gateway answers are JSON for programs; the dashboard sets its own, looser CSP.
-_DEFAULT_SECURITY = (
-    (b"x-content-type-options", b"nosniff"),
-    (b"referrer-policy", b"no-referrer"),
-    (b"x-frame-options", b"DENY"),
-    (b"cross-origin-resource-policy", b"same-origin"),
-)
-_DEFAULT_CSP = (b"content-security-policy", b"default-src 'none'; frame-ancestors 'none'")
-_SECURITY_NAMES = frozenset(name for name, _ in (*_DEFAULT_SECURITY, _DEFAULT_CSP, (b"strict-transport-security", b"")))
+_SECURITY_NAMES = frozenset(name for name, _ in (*SECURITY_FIELDS, DEFAULT_CSP, (b"strict-transport-security", b"")))
 
 
 class GuardMiddleware:
@@ -37,10 +29,10 @@ class GuardMiddleware:
         hsts = [(b"strict-transport-security", b"max-age=%d" % settings.hsts_max_age)] if settings.hsts_max_age else []
         # Precomputed once: the headers every answer carries, by scheme, and the same with
         # the default CSP for answers that set none of them (all but the dashboard's pages).
-        self.secure_http = list(_DEFAULT_SECURITY)
-        self.secure_https = [*_DEFAULT_SECURITY, *hsts]
-        self.all_http = [_DEFAULT_CSP, *self.secure_http]
-        self.all_https = [_DEFAULT_CSP, *self.secure_https]
+        self.secure_http = list(SECURITY_FIELDS)
+        self.secure_https = [*SECURITY_FIELDS, *hsts]
+        self.all_http = [DEFAULT_CSP, *self.secure_http]
+        self.all_https = [DEFAULT_CSP, *self.secure_https]
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -68,7 +60,7 @@ class GuardMiddleware:
                     if name in _SECURITY_NAMES:  # the answer set some itself: fill in only the others
                         names = {name for name, _ in headers}
                         if b"content-security-policy" not in names:
-                            headers.append(_DEFAULT_CSP)
+                            headers.append(DEFAULT_CSP)
                         headers += [h for h in secure if h[0] not in names]
                         break
                 else:
