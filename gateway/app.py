@@ -2,8 +2,8 @@
 
 ``create_app(settings)`` is pure construction (no I/O until the lifespan
 starts), so tests and the CLI build the same app. Request flow, outermost
-first: edge (connection deadlines, gateway.edge) -> drain (503 at shutdown)
--> access log -> forwarded headers (trusted proxies only) -> guard (method,
+first: edge (connection deadlines, gateway.edge) -> access log -> drain (503
+at shutdown) -> forwarded headers (trusted proxies only) -> guard (method,
 sizes, security headers) -> plain-HTTP LAN listener -> authentication -> rate
 limits -> routes.
 """
@@ -25,7 +25,7 @@ from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from gateway import dashboard, local, routes
 from gateway.auth import Principal
@@ -44,14 +44,13 @@ from gateway.proxy import Proxy
 from gateway.ratelimit import RateLimiter, RateLimitMiddleware
 from gateway.responses import send_problem
 from gateway.routetable import PVS, RouteTable, route_table
-from gateway.scopes import route_path
+from gateway.scopes import RequestState, request_state, route_path
 from gateway.settings import Settings
 from gateway.shared import Shared, SharedCollector
 from gateway.shared import status as shared_status
 from gateway.site import Site
 
 log = logging.getLogger("gateway")
-
 
 
 @dataclass
@@ -103,7 +102,7 @@ def create_app(
         },
     )
     limiter = RateLimiter(settings.ratelimit, shared)
-    connections = Connections(edge_limits(settings))
+    connections = Connections(EdgeLimits.from_settings(settings.server))
     parts = Components(settings, keys, site, limiter, connections, Drain(), shared)
     table = route_table(settings, assets=dashboard.ASSETS)
     observed = dashboard.build(
@@ -147,6 +146,7 @@ def create_app(
             observe=observed.observe,
             write_later=access_lines.add_later if access_lines is not None else None,
         ),
+        Middleware(DrainMiddleware, drain=parts.drain),
         Middleware(ForwardedMiddleware, trusted=parse_networks(settings.server.trusted_proxies), root_path=settings.server.root_path),
         Middleware(GuardMiddleware, settings=settings.server),
         Middleware(
@@ -202,20 +202,8 @@ def create_app(
     stack: ASGIApp = ProxyDispatch(site.proxy, own_routes, table)
     for layer in reversed(middleware):
         stack = layer.cls(stack, *layer.args, **layer.kwargs)
-    stack = EdgeMiddleware(DrainMiddleware(stack, parts.drain), connections)
+    stack = EdgeMiddleware(stack, connections)
     return GatewayApp(stack, own_routes, parts)
-
-
-def edge_limits(settings: Settings) -> EdgeLimits:
-    server = settings.server
-    return EdgeLimits(
-        keepalive_timeout=server.keepalive_timeout,
-        # The URL and header limits together, plus the request line's and each field's framing.
-        head_bytes=server.max_url_length + server.max_header_bytes + 4 * server.max_header_count + 64,
-        max_connections=server.max_connections,
-        max_connections_per_ip=server.max_connections_per_ip,
-        tls_handshake_timeout=server.tls_handshake_timeout,
-    )
 
 
 class Drain:
@@ -223,16 +211,19 @@ class Drain:
 
     def __init__(self) -> None:
         self.draining = False
-        self.waiting: dict[asyncio.Task[Any], list[bool]] = {}
+        self.waiting: dict[asyncio.Task[Any], RequestState] = {}
 
     def start(self) -> None:
         self.draining = True
-        for task, started in list(self.waiting.items()):
-            if not started[0]:
+        for task, state in list(self.waiting.items()):
+            if state.status is None:  # no answer started yet
                 task.cancel()
 
 
 class DrainMiddleware:
+    """Inside the access log (which then logs the 503) and outside the guard (which records
+    when an answer starts, in ``RequestState.status``)."""
+
     def __init__(self, app: ASGIApp, drain: Drain) -> None:
         self.app = app
         self.drain = drain
@@ -242,22 +233,16 @@ class DrainMiddleware:
         if scope["type"] != "http" or task is None:
             await self.app(scope, receive, send)
             return
-        started = [False]
-
-        async def noting_send(message: Message) -> None:
-            if message["type"] == "http.response.start":
-                started[0] = True
-            await send(message)
-
-        self.drain.waiting[task] = started
+        state = self.drain.waiting[task] = request_state(scope)
         try:
-            await self.app(scope, receive, noting_send)
+            await self.app(scope, receive, send)
         except asyncio.CancelledError:
-            if not self.drain.draining or started[0]:
+            if not self.drain.draining or state.status is not None:
                 raise
             task.uncancel()
             problem = GatewayError("the gateway is shutting down; retry shortly", status=503, headers=[("Retry-After", "5")])
-            await send_problem(noting_send, problem, head=scope["method"] == "HEAD")
+            state.status, state.detail = problem.status, problem.detail
+            await send_problem(send, problem, head=scope["method"] == "HEAD")
         finally:
             del self.drain.waiting[task]
 
