@@ -12,8 +12,6 @@ lifetime; it cannot renew itself (``gateway.auth.sessions``).
 
 from __future__ import annotations
 
-import base64
-import binascii
 import hmac
 import logging
 from collections.abc import Awaitable, Callable, Sequence
@@ -21,7 +19,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from starlette.types import Receive, Scope, Send
 
 from gateway.allowlist import AUTH_PATH, Resource
-from gateway.auth import Principal
+from gateway.auth import PVS_LOGIN, Principal
 from gateway.auth.keys import KeyStore
 from gateway.auth.sessions import SessionStore
 from gateway.cache import Lookup, ResponseCache
@@ -54,10 +52,8 @@ def session_control(cache: ResponseCache, lookup: Callable[[Resource], Awaitable
 
 
 PVS_USER = "ssm_owner"
-#: ``Principal.method`` of a caller admitted with the PVS's own LocalAPI credentials.
-PVS_METHOD = "pvs_login"
 #: Login answers that hand out a session: only real credentials may ask (a session cannot renew itself).
-_LOGIN_METHODS = ("api_key", PVS_METHOD)
+_LOGIN_METHODS = ("api_key", PVS_LOGIN)
 
 
 class PVSLogin:
@@ -107,29 +103,7 @@ class PVSLogin:
         return ok_user and ok_password
 
     def principal(self, scope: Scope) -> Principal:
-        return Principal(f"pvs:{client_ip(scope)}", PVS_USER, "viewer", PVS_METHOD)
-
-    def from_scope(self, scope: Scope) -> Principal | None:
-        """The PVS-login principal for this request's own Basic header, if it is one."""
-        credentials = _basic_credentials(scope)
-        if credentials is None or not self.allowed(scope, *credentials):
-            return None
-        return self.principal(scope)
-
-
-def _basic_credentials(scope: Scope) -> tuple[str, str] | None:
-    values = [v for k, v in scope["headers"] if k == b"authorization"]
-    if len(values) != 1:
-        return None
-    scheme, _, encoded = values[0].decode("latin-1").strip().partition(" ")
-    if scheme.lower() != "basic":
-        return None
-    try:
-        decoded = base64.b64decode(encoded.strip(), validate=True).decode("utf-8")
-    except (binascii.Error, UnicodeDecodeError):
-        return None
-    user, sep, password = decoded.partition(":")
-    return (user, password) if sep else None
+        return Principal(f"pvs:{client_ip(scope)}", PVS_USER, "viewer", PVS_LOGIN)
 
 
 def session_principal(store: SessionStore, keys: KeyStore, pvs: PVSLogin | None = None) -> Callable[..., Principal | None]:

@@ -98,7 +98,7 @@ class _Counters:
 
 class _LocalCounters:
     """The same strategies in this process's memory, through ``limits``' synchronous API: the
-    counting is the same, without a lock and two awaits per request."""
+    same counting, without two awaits per request."""
 
     def __init__(self) -> None:
         storage = MemoryStorage()

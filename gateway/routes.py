@@ -11,7 +11,7 @@ from starlette.responses import JSONResponse, Response
 
 from gateway import __version__, edge
 from gateway.cache import ResponseCache
-from gateway.edge import Connections
+from gateway.errors import PROBLEM_TYPE, problem_body
 from gateway.health import UpstreamHealth
 from gateway.scopes import request_state
 from gateway.upstream import UpstreamClient
@@ -65,7 +65,7 @@ def stats(
     per_identity: dict[str, dict[str, int]],
     started: float,
     timings: Callable[[], dict[str, dict[str, float]]] | None = None,
-    connections: Connections | None = None,
+    connections: edge.Connections | None = None,
 ) -> Callable[[Request], Any]:
     async def endpoint(request: Request) -> Response:
         s = cache.stats
@@ -113,42 +113,27 @@ def verify(methods: tuple[str, ...] = ()) -> Callable[[Request], Awaitable[Respo
     async def endpoint(request: Request) -> Response:
         forwarded = request.headers.get("x-forwarded-method", "GET").upper()
         if allowed and forwarded not in allowed:
-            return JSONResponse(
-                {
-                    "type": "about:blank",
-                    "title": "Forbidden",
-                    "status": 403,
-                    "detail": f"{forwarded[:16]} is not allowed through this gateway ({', '.join(sorted(allowed))} only)",
-                },
-                status_code=403,
-                media_type="application/problem+json",
-                headers=NO_STORE,
-            )
-        return await _verify(request)
+            detail = f"{forwarded[:16]} is not allowed through this gateway ({', '.join(sorted(allowed))} only)"
+            return _problem(403, detail, NO_STORE)
+        state = request_state(request.scope)
+        principal = state.principal
+        if principal is None:
+            detail = state.auth_error.detail if state.auth_error is not None else "credentials required: an API key or a login"
+            return _problem(401, detail, {"WWW-Authenticate": 'Bearer realm="pvs-gateway"', **NO_STORE})
+        headers = {
+            "X-Auth-Request-User": principal.name,
+            "Remote-User": principal.name,
+            "X-Pvs-Gateway-Identity": principal.id,
+            "X-Pvs-Gateway-Role": principal.role,
+            **NO_STORE,
+        }
+        return Response(status_code=200, headers=headers)
 
     return endpoint
 
 
-async def _verify(request: Request) -> Response:
-    state = request_state(request.scope)
-    principal = state.principal
-    if principal is None:
-        error = state.auth_error
-        detail = error.detail if error is not None else "credentials required: an API key or a login"
-        return JSONResponse(
-            {"type": "about:blank", "title": "Unauthorized", "status": 401, "detail": detail},
-            status_code=401,
-            media_type="application/problem+json",
-            headers={"WWW-Authenticate": 'Bearer realm="pvs-gateway"', **NO_STORE},
-        )
-    headers = {
-        "X-Auth-Request-User": principal.name,
-        "Remote-User": principal.name,
-        "X-Pvs-Gateway-Identity": principal.id,
-        "X-Pvs-Gateway-Role": principal.role,
-        **NO_STORE,
-    }
-    return Response(status_code=200, headers=headers)
+def _problem(status: int, detail: str, headers: dict[str, str]) -> Response:
+    return Response(problem_body(status, detail), status, headers=headers, media_type=PROBLEM_TYPE)
 
 
 def _iso(ts: float | None) -> str | None:

@@ -33,7 +33,6 @@ class TLSTransport(asyncio.Transport):
         self._outgoing = ssl.MemoryBIO()
         self._ssl = context.wrap_bio(self._incoming, self._outgoing, server_side=True)
         self._context = context
-        self._protocol: asyncio.BaseProtocol | None = None
         self.handshaken = False
         self.peer_closed = False  # the client sent close_notify
         self._closing = False
@@ -142,10 +141,3 @@ class TLSTransport(asyncio.Transport):
 
     def get_write_buffer_limits(self) -> tuple[int, int]:
         return self._raw.get_write_buffer_limits()
-
-    def set_protocol(self, protocol: asyncio.BaseProtocol) -> None:
-        self._protocol = protocol
-
-    def get_protocol(self) -> asyncio.BaseProtocol:
-        assert self._protocol is not None
-        return self._protocol

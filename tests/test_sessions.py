@@ -181,8 +181,8 @@ def test_pvs_login_needs_the_lan_the_user_and_the_password() -> None:
     assert not pvs.allowed(_scope("192.168.1.20"), "admin", PVS_PASSWORD)
     assert not pvs.allowed(_scope("192.168.1.20", path="/vars", query=b"match=/"), "ssm_owner", PVS_PASSWORD)
     assert not pvs.allowed(_scope("192.168.1.20", query=b"logout"), "ssm_owner", PVS_PASSWORD)
-    principal = pvs.from_scope(_scope("192.168.1.20", authorization=_basic("ssm_owner", PVS_PASSWORD)))
-    assert principal is not None and principal.role == "viewer"
+    principal = pvs.principal(_scope("192.168.1.20", authorization=_basic("ssm_owner", PVS_PASSWORD)))
+    assert principal.role == "viewer" and principal.method == "pvs_login"
     # upstream.password, when set, is the password (the serial's suffix no longer is).
     override = PVSLogin(UpstreamSettings(serial=SERIAL, password=Secret("Pw-123")), ["192.168.1.0/24"])
     assert override.allowed(_scope("192.168.1.20"), "ssm_owner", "Pw-123")

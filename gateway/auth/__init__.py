@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 ROLES = ("viewer", "admin")
+# ``Principal.method`` of a caller admitted with the PVS's own LocalAPI password (gateway.local).
+PVS_LOGIN = "pvs_login"
 
 
 @dataclass(frozen=True, slots=True)

@@ -27,7 +27,7 @@ from typing import Any, Protocol
 from starlette.responses import Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from gateway.auth import Principal
+from gateway.auth import PVS_LOGIN, Principal
 from gateway.errors import GatewayError
 from gateway.middleware.forwarded import Network, in_networks
 from gateway.responses import send_problem
@@ -53,9 +53,6 @@ BearerVerifier = Callable[[str], Awaitable[Principal]]
 ScopeVerifier = Callable[[Scope], Principal | None]
 
 
-# Principal.method of a PVS-password login (gateway.local).
-PVS_LOGIN_METHOD = "pvs_login"
-
 
 class AuthFailed(GatewayError):
     status = 401
@@ -78,12 +75,9 @@ class FailureGate:
         self,
         hit: Callable[[str], Awaitable[bool]],
         blocked: Callable[[str], Awaitable[float]],
-        may_be_blocked: Callable[[str], bool] = lambda ip: True,
     ) -> None:
         self._hit = hit
         self._blocked = blocked
-        # Asked first, without an await: most requests come from addresses with no failures.
-        self.may_be_blocked = may_be_blocked
         self._logged: dict[str, float] = {}
 
     async def retry_after(self, ip: str) -> float:
@@ -260,7 +254,7 @@ class AuthMiddleware:
                 # An address past the failure limit gets 429 for further failures only: a valid
                 # key or token from it is still admitted (keys are unguessable; the lock-out
                 # stops guessing, not the household behind the same address).
-                wait = await self.gate.retry_after(ip) if self.gate.may_be_blocked(ip) else 0.0
+                wait = await self.gate.retry_after(ip)
                 if wait > 0:
                     await send_problem(send, _blocked(wait), head=head)
                     return
@@ -273,9 +267,9 @@ class AuthMiddleware:
                     exc.headers = list(self._challenge)
             await send_problem(send, exc, head=head)
             return
-        if principal is not None and principal.method == PVS_LOGIN_METHOD:
+        if principal is not None and principal.method == PVS_LOGIN:
             # The PVS's 5-character password is a weak secret: it stays locked out like a guess.
-            wait = await self.gate.retry_after(ip) if self.gate.may_be_blocked(ip) else 0.0
+            wait = await self.gate.retry_after(ip)
             if wait > 0:
                 await send_problem(send, _blocked(wait), head=head)
                 return
