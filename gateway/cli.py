@@ -26,9 +26,8 @@ EXIT_OK, EXIT_FAILURE, EXIT_CONFIG = 0, 1, 2
 
 
 def _setup_logging(level: str = "info") -> None:
-    # One access line per request: skip what our format never shows (caller frame,
-    # thread, process), the logging HOWTO's own optimisations for hot paths.
-    logging._srcfile = None
+    # Skip what our format never shows (thread, process), as the logging HOWTO suggests;
+    # access lines bypass logging's per-record work anyway (gateway.logbuffer).
     logging.logThreads = False
     logging.logProcesses = False
     logging.logMultiprocessing = False
