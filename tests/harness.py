@@ -79,7 +79,8 @@ def _wait_for_line(proc: subprocess.Popen[bytes], log_path: Path, pattern: re.Pa
     raise RuntimeError(f"{what} not ready after {READY_TIMEOUT} s:\n{log_path.read_text(errors='replace')[-3000:]}")
 
 
-def _stop(proc: subprocess.Popen[bytes]) -> None:
+def stop_process(proc: subprocess.Popen[bytes]) -> None:
+    """Stop a process as Ctrl-C would; kill it if it is still there after 8 s."""
     if proc.poll() is None:
         proc.send_signal(signal.SIGINT)
         try:
@@ -129,7 +130,7 @@ class Simulator:
             c.post("/__sim/fault", json=body).raise_for_status()
 
     def stop(self) -> None:
-        _stop(self.proc)
+        stop_process(self.proc)
 
 
 def start_simulator(workdir: Path, *args: str) -> Simulator:
@@ -201,7 +202,7 @@ class Gateway:
         return secret
 
     def stop(self) -> None:
-        _stop(self.proc)
+        stop_process(self.proc)
 
 
 def start_gateway(workdir: Path, upstream_url: str, config: dict[str, Any] | None = None, *, key_roles: dict[str, str] | None = None, env: dict[str, str] | None = None) -> Gateway:

@@ -30,7 +30,7 @@ import pytest
 from gateway import tls
 from gateway.auth import keys as keystore
 from gateway.settings import ServerSettings
-from tests.harness import BASE_CONFIG, Simulator, _merge, start_gateway, toml_dumps
+from tests.harness import BASE_CONFIG, Simulator, _merge, start_gateway, stop_process, toml_dumps
 
 ROOT = Path(__file__).resolve().parent.parent
 NOWHERE = "http://127.0.0.1:9"  # upstream for tests that never reach it (loopback discard port)
@@ -341,12 +341,7 @@ def test_a_renewal_that_cannot_be_written_leaves_the_valid_leaf_in_service(tmp_p
         warnings = [line for line in lines if "could not renew the server certificate" in line]
         assert len(warnings) == 1 and str(tmp_path / "certs" / tls.LEAF_KEY) in warnings[0] and "WARNING" in warnings[0]
     finally:
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_process(proc)
     assert "Traceback" not in "".join(lines)
     assert cert_files(tmp_path / "certs") == before
 
