@@ -57,7 +57,6 @@ import ssl
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from email.utils import formatdate
 from http import HTTPStatus
 from typing import Any, cast
 
@@ -65,7 +64,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from gateway.errors import PROBLEM_TYPE, problem_body
-from gateway.responses import DEFAULT_CSP, SECURITY_FIELDS
+from gateway.responses import DEFAULT_CSP, SECURITY_FIELDS, http_date
 from gateway.settings import ServerSettings
 from gateway.tlsconn import TLSTransport
 
@@ -100,7 +99,7 @@ def canned(status: int, detail: str) -> bytes:
     """A whole HTTP/1.1 problem answer that closes the connection."""
     body = problem_body(status, detail)
     fields = [
-        (b"date", formatdate(usegmt=True).encode()),
+        (b"date", http_date()),
         (b"content-type", PROBLEM_TYPE.encode()),
         (b"content-length", b"%d" % len(body)),
         (b"connection", b"close"),

@@ -1,7 +1,14 @@
 """Per-caller and per-IP rate limits, with the IETF RateLimit fields, counted by ``limits``.
 
-Requests are counted with ``limits``' sliding-window counter, failed
-credentials with its moving window (exact, for the rare failed logins). With
+Requests are counted in fixed windows by ``limits``' storage: one increment
+per request gives the count, hence both the verdict and the remaining quota,
+and the key's expiry is the window's reset, so the RateLimit fields are
+exact. (``limits``' strategies read the counter a second time for the
+remaining quota, which doubled the cost of a check.) A window starts with
+its key's first request, so a caller may spend up to twice its quota across
+one reset; the PVS is protected by the upstream budget, not by these.
+Failed credentials are counted with ``limits``' moving window (exact, for
+the rare failed logins). With
 ``cluster.redis_url`` the counters live in Redis, shared by every gateway;
 while Redis is unreachable each gateway counts in its own memory
 (``gateway.shared``) and goes back to Redis when it returns.
@@ -89,21 +96,20 @@ class Verdict:
 
 
 class _Counters:
-    """The two ``limits`` strategies over Redis (``limits``' asyncio API)."""
+    """The counters over Redis (``limits``' asyncio API)."""
 
     def __init__(self, storage: limits.aio.storage.Storage) -> None:
-        self.window = limits.aio.strategies.SlidingWindowCounterRateLimiter(storage)
+        self.storage = storage
         self.moving = limits.aio.strategies.MovingWindowRateLimiter(storage)
 
 
 class _LocalCounters:
-    """The same strategies in this process's memory, through ``limits``' synchronous API: the
-    same counting, without two awaits per request."""
+    """The same counters in this process's memory, through ``limits``' synchronous API: the
+    same counting, without awaits per request."""
 
     def __init__(self) -> None:
-        storage = MemoryStorage()
-        self.window = limits.strategies.SlidingWindowCounterRateLimiter(storage)
-        self.moving = limits.strategies.MovingWindowRateLimiter(storage)
+        self.storage = MemoryStorage()
+        self.moving = limits.strategies.MovingWindowRateLimiter(self.storage)
 
 
 class RateLimiter:
@@ -140,24 +146,27 @@ class RateLimiter:
 
     async def check(self, policy: Policy, key: str) -> Verdict:
         """Count one request of ``key`` under ``policy``."""
+        counter = policy.item.key_for(policy.name, key)
         if self._remote is not None and self._shared is not None:
-            remote = self._remote
-            verdict = await self._shared.run(lambda _redis: self._remote_hit(remote, policy, key))
+            storage = self._remote.storage
+            verdict = await self._shared.run(lambda _redis: self._remote_hit(storage, policy, counter))
             if verdict is not None:
                 return verdict
-        window = self._local.window
-        return self._verdict(policy, window.hit(policy.item, policy.name, key), window.get_window_stats(policy.item, policy.name, key))
+        local = self._local.storage
+        return self._verdict(policy, local.incr(counter, policy.window), local.get_expiry(counter))
 
-    async def _remote_hit(self, counters: _Counters, policy: Policy, key: str) -> Verdict:
-        allowed = await counters.window.hit(policy.item, policy.name, key)
-        return self._verdict(policy, allowed, await counters.window.get_window_stats(policy.item, policy.name, key))
+    async def _remote_hit(self, storage: limits.aio.storage.Storage, policy: Policy, counter: str) -> Verdict:
+        count = await storage.incr(counter, policy.window)
+        return self._verdict(policy, count, await storage.get_expiry(counter))
 
-    def _verdict(self, policy: Policy, allowed: bool, stats: limits.WindowStats) -> Verdict:
-        reset_in = max(1, min(2 * policy.window, math.ceil(stats.reset_time - time.time())))
-        if allowed:
-            return Verdict(True, policy, max(0, stats.remaining), reset_in)
+    def _verdict(self, policy: Policy, count: int, reset_at: float) -> Verdict:
+        """``count``: requests in the window, this one included; ``reset_at``: when it ends (epoch s)."""
+        reset_in = max(1, min(policy.window, math.ceil(reset_at - time.time())))
+        remaining = max(0, policy.quota - count)
+        if count <= policy.quota:
+            return Verdict(True, policy, remaining, reset_in)
         self.rejections[policy.name] = self.rejections.get(policy.name, 0) + 1
-        return Verdict(False, policy, max(0, stats.remaining), reset_in)
+        return Verdict(False, policy, remaining, reset_in)
 
     # ------------------------------------------------ failed credentials (brute force)
 

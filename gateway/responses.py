@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import functools
+import time
 from collections.abc import Iterable
+from email.utils import formatdate
 
 from starlette.types import Send
 
@@ -20,6 +23,17 @@ SECURITY_FIELDS: tuple[Header, ...] = (
     (b"cross-origin-resource-policy", b"same-origin"),
 )
 DEFAULT_CSP: Header = (b"content-security-policy", b"default-src 'none'; frame-ancestors 'none'")
+
+
+def http_date() -> bytes:
+    """Now as an HTTP date (IMF-fixdate), for the Date field of every answer."""
+    return _http_date(int(time.time()))
+
+
+@functools.lru_cache(maxsize=1)
+def _http_date(second: int) -> bytes:
+    # One formatting a second, as uvicorn does for its own Date: answers in the same second share it.
+    return formatdate(second, usegmt=True).encode()
 
 
 async def send_bytes(

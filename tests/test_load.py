@@ -195,9 +195,9 @@ def test_a_tight_per_caller_limit_gives_only_429s_with_retry_after(tmp_path: Pat
         errors: dict[str, int] = result["errors"]  # type: ignore[assignment]
         print(f"\nrate-limited load: statuses {statuses}; errors {errors}")
         assert set(statuses) == {200, 429}, statuses
-        # The configured budget, not more: a sliding-window counter may give back up to duration/60
-        # of the previous minute's quota when the run straddles a minute boundary.
-        assert statuses[200] <= 600 + 600 * 2 // 60, statuses
+        # The configured budget, not more: the window began with the run's first request and lasts
+        # a minute, far longer than the run.
+        assert statuses[200] <= 600, statuses
         assert -1 not in statuses, "a 429 without Retry-After"
         assert errors["connect"] == errors["read"] == errors["write"] == errors["timeout"] == 0, errors
     finally:

@@ -6,12 +6,10 @@ and oversized or body-carrying requests are refused before any work is done.
 
 from __future__ import annotations
 
-from email.utils import formatdate
-
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from gateway.errors import RequestRejected
-from gateway.responses import DEFAULT_CSP, SECURITY_FIELDS, send_problem
+from gateway.responses import DEFAULT_CSP, SECURITY_FIELDS, http_date, send_problem
 from gateway.scopes import request_state
 from gateway.settings import ServerSettings
 
@@ -55,7 +53,7 @@ class GuardMiddleware:
                 state.status = message["status"]
                 # Dated when the answer starts, not when the request arrived (uvicorn's Date): a
                 # slow miss would otherwise look older than its own Last-Modified.
-                headers = [(b"date", formatdate(usegmt=True).encode()), *message.get("headers", ())]
+                headers = [(b"date", http_date()), *message.get("headers", ())]
                 for name, _ in headers:
                     if name in _SECURITY_NAMES:  # the answer set some itself: fill in only the others
                         names = {name for name, _ in headers}
