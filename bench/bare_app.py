@@ -8,10 +8,11 @@ the same TLS profile (``gateway.tls.server_ssl_context``, the gateway's
 certificate). What it lacks is only the gateway's own work: the edge's
 caps and deadlines, middleware, authentication, rate limits, cache lookup.
 
-One difference is unavoidable: uvicorn wraps the socket in TLS itself here
-(``create_server(ssl=...)``), while the gateway's edge does the handshake
-with ``loop.start_tls`` so that it has its own deadline. Both end in the
-same asyncio SSL transport.
+One difference is by design: here asyncio's SSL transport runs TLS
+(uvicorn's ``create_server(ssl=...)``), while the gateway's edge pumps TLS
+itself through ``ssl.SSLObject`` and memory BIOs (``gateway/tlsconn.py``), so
+that a connection is capped before its handshake and the handshake has its
+own deadline. Both are OpenSSL driven from Python with the same context.
 
     python -m bench.bare_app --port P --cert leaf.pem --key leaf.key --body devicelist.json [--keepalive S]
         [--tls-read-buffer BYTES] [--headers FILE]
