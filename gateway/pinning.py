@@ -14,6 +14,7 @@ Problems with the pin file are logged with its path; what a client sees (the
 
 from __future__ import annotations
 
+import contextvars
 import datetime as dt
 import hashlib
 import json
@@ -200,9 +201,19 @@ class _Pinner:
 
 _Check = Callable[[bytes | None], None]  # raises to refuse the peer's certificate (DER)
 
+# Bytes the PVS has sent for the request this task has in flight (set by PinningTransport,
+# counted by _CheckedStream.read): none means it closed without answering at all.
+_received: contextvars.ContextVar[list[int] | None] = contextvars.ContextVar("pvs_bytes_received", default=None)
+
+
+class ClosedWithoutAnswer(httpx.RemoteProtocolError):
+    """The PVS closed the connection before sending a byte of its answer (its web server going
+    down, a reboot), as against an answer cut short or malformed."""
+
 
 class _CheckedStream(httpcore.AsyncNetworkStream):
-    """Delegates to the real stream; ``start_tls`` runs the certificate check before returning."""
+    """Delegates to the real stream; ``start_tls`` runs the certificate check before returning;
+    ``read`` counts what the PVS sends for the request in flight (``_received``)."""
 
     def __init__(self, inner: httpcore.AsyncNetworkStream, check: _Check | None, bound: Callable[[float | None], float]) -> None:
         self._inner = inner
@@ -210,7 +221,11 @@ class _CheckedStream(httpcore.AsyncNetworkStream):
         self._bound = bound
 
     async def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
-        return await self._inner.read(max_bytes, timeout)
+        data = await self._inner.read(max_bytes, timeout)
+        counter = _received.get()
+        if counter is not None:
+            counter[0] += len(data)
+        return data
 
     async def write(self, buffer: bytes, timeout: float | None = None) -> None:
         await self._inner.write(buffer, timeout)
@@ -233,7 +248,7 @@ class _CheckedStream(httpcore.AsyncNetworkStream):
             except BaseException:
                 await tls.aclose()  # no close_notify dance, no request: just drop the socket
                 raise
-        return tls
+        return _CheckedStream(tls, None, self._bound)  # still counting what the PVS sends
 
 
 class _CheckedBackend(httpcore.AsyncNetworkBackend):
@@ -340,7 +355,9 @@ class PinningTransport(httpx.AsyncBaseTransport):
 
     httpx's own ``AsyncHTTPTransport`` has no public way to take a network backend, so this
     is the same bridge built on httpcore's public API: requests and answers converted, and
-    httpcore's errors raised as httpx's.
+    httpcore's errors raised as httpx's. One more class than httpx has: a connection the PVS
+    closed before sending a byte (``ClosedWithoutAnswer``, counted by the backend's streams),
+    which httpcore reports as the same protocol error as a broken answer.
     """
 
     def __init__(self, pool: httpcore.AsyncConnectionPool, pinner: _Pinner | None) -> None:
@@ -357,10 +374,18 @@ class PinningTransport(httpx.AsyncBaseTransport):
             content=request.stream,
             extensions=request.extensions,
         )
+        received = [0]
+        token = _received.set(received)
         try:
             answer = await self.pool.handle_async_request(core)
+        except httpcore.RemoteProtocolError as exc:
+            if received[0] == 0:
+                raise ClosedWithoutAnswer(str(exc), request=request) from exc
+            raise _as_httpx(exc, request) from exc
         except Exception as exc:
             raise _as_httpx(exc, request) from exc
+        finally:
+            _received.reset(token)
         return httpx.Response(
             status_code=answer.status,
             headers=answer.headers,

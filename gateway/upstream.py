@@ -46,6 +46,7 @@ from gateway.errors import (
     UpstreamUnavailable,
 )
 from gateway.health import UpstreamHealth
+from gateway.pinning import ClosedWithoutAnswer
 from gateway.pvsbody import dumps, parse_json_object, strip_secret_vars
 from gateway.settings import UpstreamSettings
 from gateway.shared import Shared, key
@@ -431,11 +432,9 @@ def map_transport_error(exc: httpx.HTTPError, url: str) -> UpstreamError:
         return UpstreamRefused(f"cannot connect to the PVS at {url}: {exc or 'refused'}", retry_after=10)
     if isinstance(exc, httpx.TimeoutException):
         return UpstreamTimeout("the PVS did not answer in time", retry_after=10)
+    if isinstance(exc, ClosedWithoutAnswer):  # told apart by the PVS's transport (gateway.pinning)
+        return UpstreamUnavailable("the PVS closed the connection without answering (rebooting?)", retry_after=10)
     if isinstance(exc, httpx.RemoteProtocolError):
-        # httpcore has no class of its own for a connection closed before any answer (a PVS
-        # going down for a reboot) as against a broken answer: only its message tells them apart.
-        if "without sending" in str(exc) and "response" in str(exc):
-            return UpstreamUnavailable("the PVS closed the connection without answering (rebooting?)", retry_after=10)
         return UpstreamBadResponse(f"the PVS sent an incomplete answer: {exc}")
     if isinstance(exc, httpx.NetworkError):
         return UpstreamUnavailable(f"the connection to the PVS failed: {exc}", retry_after=10)

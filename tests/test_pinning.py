@@ -50,6 +50,7 @@ class FakePVS:
         self.current = ctx
         self.handshakes = 0
         self.received: list[bytearray] = []
+        self.answer = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok"
         if ctx is not None:
             ctx.sni_callback = self._sni
 
@@ -70,7 +71,7 @@ class FakePVS:
                 if not chunk:
                     return
                 buf += chunk
-            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok")
+            writer.write(self.answer)
             await writer.drain()
         except (TimeoutError, OSError):
             pass
@@ -365,3 +366,33 @@ def test_plain_http_url_gets_a_normal_transport(tmp_path: Path) -> None:
     assert not (tmp_path / "pin.json").exists()
     with pytest.raises(ValueError):
         pinning.fetch_certificate(url)
+
+
+# ---------------------------------------------------------------- a PVS going away
+
+
+@pytest.mark.parametrize("scheme", ["http", "https"])
+def test_a_pvs_closing_before_answering_is_told_from_a_broken_answer(tmp_path: Path, certs: Certs, scheme: str) -> None:
+    """A PVS going down (reboot) closes without a byte: 503, retry later. One that sends part of
+    an answer and closes is broken: 502. httpcore raises the same error for both."""
+    from gateway.upstream import map_transport_error
+
+    cert, key, _ = certs["a"]
+    pvs = FakePVS(server_context(cert, key) if scheme == "https" else None)
+    outcomes = {}
+    with running(pvs) as port:
+        url = f"{scheme}://127.0.0.1:{port}"
+        for name, answer in (
+            ("nothing", b""),
+            ("part of a head", b"HTTP/1.1 200 OK\r\nContent-Le"),
+            ("part of a body", b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nok"),
+            ("whole", b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok"),
+        ):
+            pvs.answer = answer
+            [result] = get(pin_transport(url, tmp_path / f"pin-{name}.json"), url)
+            if isinstance(result, httpx.Response):
+                outcomes[name] = result.status_code
+            else:
+                assert isinstance(result, httpx.HTTPError), result
+                outcomes[name] = map_transport_error(result, url).status
+    assert outcomes == {"nothing": 503, "part of a head": 502, "part of a body": 502, "whole": 200}
