@@ -19,7 +19,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from starlette.types import Receive, Scope, Send
 
 from gateway.allowlist import AUTH_PATH, Resource
-from gateway.auth import PVS_LOGIN, Principal
+from gateway.auth import LOGIN_COOKIE, PVS_LOGIN, Principal
 from gateway.auth.keys import KeyStore
 from gateway.auth.sessions import SessionStore
 from gateway.cache import Lookup, ResponseCache
@@ -143,12 +143,12 @@ def login(store: SessionStore, lifetime: float, pvs: PVSLogin | None = None) -> 
         head = scope["method"] == "HEAD"
         secure = "; Secure" if scope.get("scheme") == "https" else ""
         if resource.name == "auth.logout":
-            token = _cookie(scope, "session")
+            token = _cookie(scope, LOGIN_COOKIE)
             if token:
                 ended = await store.revoke_token(token)
                 if ended is not None:
                     log.info("session of %s ended at logout", ended.subject)
-            cookie = f"session=; Path=/; Max-Age=0; HttpOnly; SameSite=Strict{secure}"
+            cookie = f"{LOGIN_COOKIE}=; Path=/; Max-Age=0; HttpOnly; SameSite=Strict{secure}"
             await send({"type": "http.response.start", "status": 204, "headers": [(b"set-cookie", cookie.encode())]})
             await send({"type": "http.response.body", "body": b""})
             return
@@ -162,7 +162,7 @@ def login(store: SessionStore, lifetime: float, pvs: PVSLogin | None = None) -> 
             await send_problem(send, error, head=head)
             return
         _, token = store.issue(principal.id, lifetime)  # "key:<kid>" or "pvs:<address>": see session_principal
-        cookie = f"session={token}; Path=/; Max-Age={int(lifetime)}; HttpOnly; SameSite=Strict{secure}"
+        cookie = f"{LOGIN_COOKIE}={token}; Path=/; Max-Age={int(lifetime)}; HttpOnly; SameSite=Strict{secure}"
         await send_bytes(
             send,
             200,

@@ -8,6 +8,11 @@ ROLES = ("viewer", "admin")
 # ``Principal.method`` of a caller admitted with the PVS's own LocalAPI password (gateway.local).
 PVS_LOGIN = "pvs_login"
 
+# The gateway's two session cookies: the LocalAPI-compatible login's (gateway.local) and the
+# OIDC browser login's (gateway.auth.oidc_login). Named here so every layer that reads them agrees.
+LOGIN_COOKIE = "session"
+OIDC_COOKIE = "pvsgw_session"
+
 
 @dataclass(frozen=True, slots=True)
 class Principal:

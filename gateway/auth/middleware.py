@@ -27,7 +27,7 @@ from typing import Any, Protocol
 from starlette.responses import Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from gateway.auth import PVS_LOGIN, Principal
+from gateway.auth import LOGIN_COOKIE, PVS_LOGIN, Principal
 from gateway.errors import GatewayError
 from gateway.middleware.forwarded import Network, in_networks
 from gateway.responses import send_problem
@@ -156,7 +156,7 @@ class Authenticator:
                 return self._from_authorization(authorization.decode("latin-1"), scope)
             return self._key(credential.decode("latin-1").strip())
         if cookie is not None and self._session is not None:
-            token = _cookie_value(cookie, "session")
+            token = _cookie_value(cookie, LOGIN_COOKIE)
             if token:
                 principal = self._session(token, client_ip(scope))
                 if principal is None:

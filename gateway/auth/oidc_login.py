@@ -95,7 +95,7 @@ from starlette.responses import HTMLResponse, RedirectResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from gateway.auth import ROLES, Principal
+from gateway.auth import OIDC_COOKIE, ROLES, Principal
 from gateway.auth.oidc import (
     AuthFailed,
     Forbidden,
@@ -115,7 +115,7 @@ with warnings.catch_warnings():
 
 log = logging.getLogger("gateway.auth.oidc")
 
-SESSION_COOKIE = "pvsgw_session"
+SESSION_COOKIE = OIDC_COOKIE
 SESSION_KEY = "oidc"
 #: Refresh this long before the access token would expire ...
 REFRESH_MARGIN = 60.0

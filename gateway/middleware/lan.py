@@ -16,6 +16,7 @@ import logging
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from gateway.auth import LOGIN_COOKIE, OIDC_COOKIE
 from gateway.errors import GatewayError
 from gateway.middleware.forwarded import Network, in_networks
 from gateway.responses import send_bytes, send_problem
@@ -25,7 +26,7 @@ from gateway.scopes import client_ip, route_path
 log = logging.getLogger("gateway.auth")
 
 # Our own cookies; other applications on the same host may set cookies a browser sends here too.
-CREDENTIAL_COOKIES = ("session", "pvsgw_session")
+CREDENTIAL_COOKIES = (LOGIN_COOKIE, OIDC_COOKIE)
 
 
 class LanListenerMiddleware:
