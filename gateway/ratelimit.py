@@ -23,7 +23,9 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 import limits
 import limits.aio.strategies
@@ -38,6 +40,8 @@ from gateway.routetable import RouteTable
 from gateway.scopes import client_ip, request_state, route_path
 from gateway.settings import RateLimitSettings
 from gateway.shared import Shared
+
+T = TypeVar("T")
 
 QUOTA_EXCEEDED = "https://iana.org/assignments/http-problem-types#quota-exceeded"
 
@@ -96,11 +100,21 @@ class Verdict:
 
 
 class _Counters:
-    """The counters over Redis (``limits``' asyncio API)."""
+    """The counters over Redis (``limits``' asyncio API), reached through ``Shared``, which
+    answers None while Redis is unreachable."""
 
-    def __init__(self, storage: limits.aio.storage.Storage) -> None:
+    def __init__(self, shared: Shared) -> None:
+        url = shared.url
+        uri = f"async+{url}" if not url.startswith("async+") else url
+        # limits defaults to coredis for async Redis; redis-py (the [redis] extra) is the better-kept client.
+        storage = storage_from_string(uri, implementation="redispy", socket_timeout=0.5, socket_connect_timeout=0.5)
+        assert isinstance(storage, limits.aio.storage.Storage)
+        self.shared = shared
         self.storage = storage
         self.moving = limits.aio.strategies.MovingWindowRateLimiter(storage)
+
+    async def run(self, op: Callable[[], Awaitable[T]]) -> T | None:
+        return await self.shared.run(lambda _redis: op())
 
 
 class _LocalCounters:
@@ -119,15 +133,7 @@ class RateLimiter:
         shared: Shared | None = None,
     ) -> None:
         self._local = _LocalCounters()
-        self._shared = shared if shared is not None and shared.configured else None
-        self._remote: _Counters | None = None
-        if self._shared is not None:
-            url = self._shared.url
-            uri = f"async+{url}" if not url.startswith("async+") else url
-            # limits defaults to coredis for async Redis; redis-py (the [redis] extra) is the better-kept client.
-            storage = storage_from_string(uri, implementation="redispy", socket_timeout=0.5, socket_connect_timeout=0.5)
-            assert isinstance(storage, limits.aio.storage.Storage)
-            self._remote = _Counters(storage)
+        self._remote = _Counters(shared) if shared is not None and shared.configured else None
         self.per_caller = _policy("caller", settings.per_caller)
         self.per_ip = _policy("ip", settings.per_ip)
         self.auth_failures = _item(settings.auth_failures)
@@ -147,9 +153,9 @@ class RateLimiter:
     async def check(self, policy: Policy, key: str) -> Verdict:
         """Count one request of ``key`` under ``policy``."""
         counter = policy.item.key_for(policy.name, key)
-        if self._remote is not None and self._shared is not None:
+        if self._remote is not None:
             storage = self._remote.storage
-            verdict = await self._shared.run(lambda _redis: self._remote_hit(storage, policy, counter))
+            verdict = await self._remote.run(lambda: self._remote_hit(storage, policy, counter))
             if verdict is not None:
                 return verdict
         local = self._local.storage
@@ -175,9 +181,9 @@ class RateLimiter:
         item = self.auth_failures
         if item is None:
             return True
-        if self._remote is not None and self._shared is not None:
+        if self._remote is not None:
             remote = self._remote
-            allowed = await self._shared.run(lambda _redis: remote.moving.hit(item, "auth_failures", ip))
+            allowed = await remote.run(lambda: remote.moving.hit(item, "auth_failures", ip))
             if allowed is not None:
                 return allowed
         return self._local.moving.hit(item, "auth_failures", ip)
@@ -187,9 +193,9 @@ class RateLimiter:
         item = self.auth_failures
         if item is None:
             return 0.0
-        if self._remote is not None and self._shared is not None:
+        if self._remote is not None:
             remote = self._remote
-            wait = await self._shared.run(lambda _redis: self._remote_blocked_for(remote, item, ip))
+            wait = await remote.run(lambda: self._remote_blocked_for(remote, item, ip))
             if wait is not None:
                 return wait
         local = self._local.moving
