@@ -29,7 +29,7 @@ from gateway.poller import start_supervisor
 from gateway.proxy import LocalHandler
 from gateway.pvsbody import dumps
 from gateway.responses import send_bytes, send_problem
-from gateway.scopes import client_ip, request_state, route_path
+from gateway.scopes import client_ip, request_cookie, request_state, route_path
 from gateway.settings import UpstreamSettings
 
 log = logging.getLogger("gateway.auth")
@@ -143,7 +143,7 @@ def login(store: SessionStore, lifetime: float, pvs: PVSLogin | None = None) -> 
         head = scope["method"] == "HEAD"
         secure = "; Secure" if scope.get("scheme") == "https" else ""
         if resource.name == "auth.logout":
-            token = _cookie(scope, LOGIN_COOKIE)
+            token = request_cookie(scope, LOGIN_COOKIE)
             if token:
                 ended = await store.revoke_token(token)
                 if ended is not None:
@@ -173,13 +173,3 @@ def login(store: SessionStore, lifetime: float, pvs: PVSLogin | None = None) -> 
 
     return handle
 
-
-def _cookie(scope: Scope, name: str) -> str | None:
-    for key, value in scope["headers"]:
-        if key != b"cookie":
-            continue
-        for part in value.decode("latin-1").split(";"):
-            k, _, v = part.strip().partition("=")
-            if k == name and v:
-                return v
-    return None

@@ -23,6 +23,18 @@ def strip_root(path: str, root: str) -> str:
     return path
 
 
+def request_cookie(scope: Scope, name: str) -> str | None:
+    """The first non-empty value of cookie ``name`` in the request's Cookie fields, or None."""
+    for key, value in scope["headers"]:
+        if key != b"cookie":
+            continue
+        for part in value.decode("latin-1").split(";"):
+            found, _, text = part.strip().partition("=")
+            if found == name and text:
+                return text
+    return None
+
+
 def client_ip(scope: Scope) -> str:
     """The client's address as resolved by the forwarded-header middleware."""
     client = scope.get("client")

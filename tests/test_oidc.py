@@ -32,7 +32,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
-from gateway.auth import Principal
+from gateway.auth import OIDC_COOKIE, Principal
 from gateway.auth.oidc import (
     AuthFailed,
     Forbidden,
@@ -42,7 +42,6 @@ from gateway.auth.oidc import (
     claim_groups,
 )
 from gateway.auth.oidc_login import (
-    SESSION_COOKIE,
     _Login,
     login_redirect,
     oidc_routes,
@@ -221,7 +220,7 @@ def clock(app_clock: Clock) -> Iterator[Clock]:
 
 def session_payload(client: httpx.Client) -> dict[str, Any]:
     """The (signed, not encrypted) session cookie's JSON."""
-    value = client.cookies[SESSION_COOKIE]
+    value = client.cookies[OIDC_COOKIE]
     data = value.split(".")[0]
     return json.loads(base64.b64decode(data + "=" * (-len(data) % 4)))
 
@@ -613,7 +612,7 @@ def test_browser_login_session_and_logout(idp: TestProvider, app_url: str, clock
         # The cookie: HttpOnly, SameSite=Lax, bounded; minimal content, refresh token sealed.
         callback = next(x for x in seen if x.request.url.path == "/auth/callback")
         cookie = callback.headers["set-cookie"].lower()
-        assert cookie.startswith(SESSION_COOKIE) and "httponly" in cookie and "samesite=lax" in cookie and "max-age=3600" in cookie
+        assert cookie.startswith(OIDC_COOKIE) and "httponly" in cookie and "samesite=lax" in cookie and "max-age=3600" in cookie
         payload = session_payload(browser)
         assert set(payload) == {"oidc"}
         ident = payload["oidc"]
@@ -624,7 +623,7 @@ def test_browser_login_session_and_logout(idp: TestProvider, app_url: str, clock
         # Logout: session cleared, RP-initiated logout at the provider, back to a signed-out page.
         r = browse(browser, "GET", app_url + "/auth/logout")
         assert r.url == app_url + "/auth/logout" and r.status_code == 200 and "signed out" in r.text
-        assert SESSION_COOKIE not in browser.cookies or "oidc" not in session_payload(browser)
+        assert OIDC_COOKIE not in browser.cookies or "oidc" not in session_payload(browser)
         r = browser.get(app_url + "/protected", headers={"Accept": "application/json"})
         assert r.status_code == 401
         # The provider's session is gone too: logging in again asks for credentials.
@@ -670,13 +669,13 @@ def test_callback_rejects_forged_or_replayed_responses(idp: TestProvider, app_ur
 def test_session_cookie_cannot_be_forged(app_url: str, clock: Clock) -> None:
     with httpx.Client(timeout=10) as browser:
         login_as(browser, app_url, "alice")
-        value = browser.cookies[SESSION_COOKIE]
+        value = browser.cookies[OIDC_COOKIE]
         _, rest = value.split(".", 1)
         payload = session_payload(browser)
         payload["oidc"]["sub"] = "mallory"
         forged = base64.b64encode(json.dumps(payload).encode()).decode()
         browser.cookies.clear()
-        browser.cookies.set(SESSION_COOKIE, f"{forged}.{rest}", domain="127.0.0.1")
+        browser.cookies.set(OIDC_COOKIE, f"{forged}.{rest}", domain="127.0.0.1")
         assert browser.get(app_url + "/protected").status_code == 401
 
 
@@ -733,10 +732,10 @@ def test_a_replayed_cookie_is_refused_after_logout(app_url: str, clock: Clock) -
     with httpx.Client(timeout=10) as browser:
         login_as(browser, app_url, "alice")
         assert browser.get(app_url + "/protected").json()["role"] == "admin"
-        stolen = browser.cookies[SESSION_COOKIE]
+        stolen = browser.cookies[OIDC_COOKIE]
         browse(browser, "GET", app_url + "/auth/logout")
     with httpx.Client(timeout=10) as replay:
-        replay.cookies.set(SESSION_COOKIE, stolen, domain="127.0.0.1")
+        replay.cookies.set(OIDC_COOKIE, stolen, domain="127.0.0.1")
         r = replay.get(app_url + "/protected")
         assert r.status_code == 401, r.text
 
@@ -745,11 +744,11 @@ def test_a_replayed_cookie_is_refused_after_logout(app_url: str, clock: Clock) -
 def test_a_new_login_ends_the_previous_one_in_that_browser(app_url: str, clock: Clock) -> None:
     with httpx.Client(timeout=10) as browser:
         login_as(browser, app_url, "alice")
-        first = browser.cookies[SESSION_COOKIE]
+        first = browser.cookies[OIDC_COOKIE]
         login_as(browser, app_url, "alice", path="/auth/login")
         assert browser.get(app_url + "/protected").status_code == 200
     with httpx.Client(timeout=10) as replay:
-        replay.cookies.set(SESSION_COOKIE, first, domain="127.0.0.1")
+        replay.cookies.set(OIDC_COOKIE, first, domain="127.0.0.1")
         assert replay.get(app_url + "/protected").status_code == 401
 
 

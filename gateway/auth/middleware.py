@@ -32,7 +32,7 @@ from gateway.errors import GatewayError
 from gateway.middleware.forwarded import Network, in_networks
 from gateway.responses import send_problem
 from gateway.routetable import RouteTable
-from gateway.scopes import client_ip, request_state, route_path
+from gateway.scopes import client_ip, request_cookie, request_state, route_path
 
 log = logging.getLogger("gateway.auth")
 
@@ -138,7 +138,7 @@ class Authenticator:
 
         Raises ``AuthFailed`` for presented-but-wrong credentials.
         """
-        authorization = api_key = cookie = None
+        authorization = api_key = None
         for name, value in scope["headers"]:
             if name == b"authorization":
                 if authorization is not None:
@@ -148,15 +148,13 @@ class Authenticator:
                 if api_key is not None:
                     raise AmbiguousCredentials("more than one X-API-Key field: send exactly one")
                 api_key = value
-            elif name == b"cookie":
-                cookie = value.decode("latin-1") if cookie is None else f"{cookie}; {value.decode('latin-1')}"
         credential = authorization if authorization is not None else api_key
         if credential is not None:
             if authorization is not None:
                 return self._from_authorization(authorization.decode("latin-1"), scope)
             return self._key(credential.decode("latin-1").strip())
-        if cookie is not None and self._session is not None:
-            token = _cookie_value(cookie, LOGIN_COOKIE)
+        if self._session is not None:
+            token = request_cookie(scope, LOGIN_COOKIE)
             if token:
                 principal = self._session(token, client_ip(scope))
                 if principal is None:
@@ -196,14 +194,6 @@ class Authenticator:
         if verified is None:
             raise AuthFailed("invalid, expired or revoked API key")
         return verified
-
-
-def _cookie_value(header: str, name: str) -> str | None:
-    for part in header.split(";"):
-        key, _, value = part.strip().partition("=")
-        if key == name:
-            return value
-    return None
 
 
 class AuthMiddleware:

@@ -115,7 +115,6 @@ with warnings.catch_warnings():
 
 log = logging.getLogger("gateway.auth.oidc")
 
-SESSION_COOKIE = OIDC_COOKIE
 SESSION_KEY = "oidc"
 #: Refresh this long before the access token would expire ...
 REFRESH_MARGIN = 60.0
@@ -548,7 +547,7 @@ def oidc_routes(
         Middleware(
             SessionMiddleware,
             secret_key=secret_key,
-            session_cookie=SESSION_COOKIE,
+            session_cookie=OIDC_COOKIE,
             max_age=max(60, int(login.lifetime)),
             path=cookie_path or "/",
             same_site="lax",
