@@ -154,14 +154,6 @@ class Lease:
     async def release(self) -> None:
         await self._shared.run(lambda r: r.eval(self._RELEASE, 1, self.key, self.token))
 
-    async def held_by_other(self) -> bool | None:
-        """Whether someone holds the lock now (None: Redis unavailable)."""
-        async def op(r: Redis) -> bool:
-            value = await r.get(self.key)
-            return value is not None and value != self.token.encode()
-
-        return await self._shared.run(op)
-
 
 def _is_closed_connection(exc: Exception) -> bool:
     from redis.exceptions import ConnectionError as RedisConnectionError
